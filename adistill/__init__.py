@@ -1,0 +1,3 @@
+"""adistill: multi-tenant intent retrieval on one frozen encoder, with AdapterDistillation."""
+
+__version__ = "0.1.0"

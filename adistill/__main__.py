@@ -1,0 +1,3 @@
+from adistill.cli import main
+
+raise SystemExit(main())

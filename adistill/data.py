@@ -1,0 +1,211 @@
+"""Tenant data: read (parquet/csv/jsonl, local or s3://), validate, few-shot sample, fingerprint.
+
+A tenant's data is one file with `text` and `label` columns (and optionally `split`), or a folder holding
+`train.*`, `validation.*` and `test.*`. The label `oos` marks out-of-scope queries: they never become a
+class, and in validation/test they calibrate and measure the out-of-scope threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from adistill.errors import DataError
+
+log = logging.getLogger(__name__)
+
+OOS_LABEL = "oos"
+SPLITS = ("train", "validation", "test")
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+VALIDATION_FRACTION = 0.1
+
+
+@dataclass
+class Split:
+    texts: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def in_scope(self) -> Split:
+        keep = [i for i, y in enumerate(self.labels) if y != OOS_LABEL]
+        return Split([self.texts[i] for i in keep], [self.labels[i] for i in keep])
+
+    def out_of_scope(self) -> Split:
+        keep = [i for i, y in enumerate(self.labels) if y == OOS_LABEL]
+        return Split([self.texts[i] for i in keep], [self.labels[i] for i in keep])
+
+
+@dataclass
+class TenantData:
+    source: str
+    train: Split
+    validation: Split
+    test: Split
+
+    @property
+    def labels(self) -> list[str]:
+        """The tenant's classes: sorted distinct in-scope training labels."""
+        return sorted(set(self.train.labels))
+
+    def fingerprint(self) -> str:
+        """sha256 of every (split, text, label) row: identifies the exact data a tenant was trained on."""
+        digest = hashlib.sha256()
+        for name in SPLITS:
+            split: Split = getattr(self, name)
+            digest.update(json.dumps([name, split.texts, split.labels]).encode())
+        return digest.hexdigest()
+
+
+def read_tenant_data(uri: str, storage_options: dict[str, Any] | None = None, seed: int = 0) -> TenantData:
+    """Read and validate one tenant's data from a file or folder (local path or fsspec URI)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        is_dir = fs.isdir(path)
+        exists = is_dir or fs.isfile(path)
+    except Exception as exc:  # any storage failure becomes a DataError naming the URI
+        raise DataError(f"{uri}: cannot access tenant data: {exc}") from exc
+    if not exists:
+        raise DataError(f"{uri}: no such file or folder")
+    splits: dict[str, Split] = {}
+    if is_dir:
+        for name in SPLITS:
+            found = [p for p in fs.ls(path, detail=False) if _stem(p) == name and _suffix(p) in FORMATS]
+            if len(found) > 1:
+                raise DataError(f"{uri}: several files for split {name!r}: {sorted(found)}")
+            if found:
+                splits[name] = _to_split(_read_table(fs, found[0]), found[0], expect_split=False)[name]
+        if "train" not in splits:
+            raise DataError(f"{uri}: folder holds no train.parquet, train.csv or train.jsonl")
+    else:
+        splits = _to_split(_read_table(fs, path), uri, expect_split=True)
+    data = _validate(uri, splits, seed)
+    log.info(
+        "read %s: %d train, %d validation, %d test, %d labels",
+        uri,
+        len(data.train),
+        len(data.validation),
+        len(data.test),
+        len(data.labels),
+    )
+    return data
+
+
+def few_shot(data: TenantData, shots: int, seed: int) -> TenantData:
+    """Keep `shots` training examples per label (all of them where a label has fewer), seeded."""
+    if shots < 1:
+        raise DataError(f"shots must be >= 1, got {shots}")
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, y in enumerate(data.train.labels):
+        by_label[y].append(i)
+    rng = random.Random(f"{seed}:{shots}")
+    keep = sorted(i for y in sorted(by_label) for i in rng.sample(by_label[y], min(shots, len(by_label[y]))))
+    train = Split([data.train.texts[i] for i in keep], [data.train.labels[i] for i in keep])
+    return TenantData(data.source, train, data.validation, data.test)
+
+
+def _stem(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.split(".", 1)[0]
+
+
+def _suffix(path: str) -> str:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def _read_table(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
+    fmt = FORMATS.get(_suffix(path))
+    if fmt is None:
+        raise DataError(f"{path}: unsupported file type {_suffix(path)!r}; expected .parquet, .csv or .jsonl")
+    try:
+        with fs.open(path, "rb") as f:
+            if fmt == "parquet":
+                return pq.read_table(f)
+            if fmt == "csv":
+                return pa_csv.read_csv(f, convert_options=pa_csv.ConvertOptions(strings_can_be_null=False))
+            return pa_json.read_json(f)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot parse as {fmt}: {exc}") from exc
+
+
+def _to_split(table: pa.Table, where: str, expect_split: bool) -> dict[str, Split]:
+    missing = [c for c in ("text", "label") if c not in table.column_names]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; found {table.column_names}")
+    text_type = table.schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise DataError(f"{where}: column 'text' must hold strings, found {text_type}")
+    texts = table.column("text").to_pylist()
+    raw_labels = table.column("label").to_pylist()
+    for row, (x, y) in enumerate(zip(texts, raw_labels)):
+        if x is None or not x.strip():
+            raise DataError(f"{where}: row {row}: empty or null text")
+        if y is None or not str(y).strip():
+            raise DataError(f"{where}: row {row}: empty or null label")
+    labels = [str(y) for y in raw_labels]
+    if not expect_split or "split" not in table.column_names:
+        return {"train": Split(texts, labels)}
+    out = {name: Split() for name in SPLITS}
+    for row, (x, y, s) in enumerate(zip(texts, labels, table.column("split").to_pylist())):
+        if s not in out:
+            raise DataError(f"{where}: row {row}: split {s!r} is not one of {list(SPLITS)}")
+        out[s].texts.append(x)
+        out[s].labels.append(y)
+    return {k: v for k, v in out.items() if len(v)}
+
+
+def _validate(uri: str, splits: dict[str, Split], seed: int) -> TenantData:
+    train = splits.get("train", Split())
+    dropped = len(train) - len(train.in_scope())
+    train = train.in_scope()
+    if dropped:
+        log.info("%s: %d out-of-scope (%r) training rows are not used as a class", uri, dropped, OOS_LABEL)
+    if not len(train):
+        raise DataError(f"{uri}: empty train split")
+    labels = set(train.labels)
+    if len(labels) < 2:
+        raise DataError(f"{uri}: train split has {len(labels)} label(s); at least 2 are needed")
+    validation = splits.get("validation")
+    if validation is None:
+        train, validation = _carve_validation(train, seed)
+        if len(set(train.labels)) < len(labels):
+            raise DataError(f"{uri}: too few examples to hold out validation data; add a validation split")
+    for name, split in (("validation", validation), ("test", splits.get("test", Split()))):
+        unseen = sorted(set(split.in_scope().labels) - labels)
+        if unseen:
+            raise DataError(f"{uri}: {name} labels not seen in train: {unseen[:5]}{'...' if len(unseen) > 5 else ''}")
+    if not len(validation.in_scope()):
+        raise DataError(f"{uri}: validation split has no in-scope examples")
+    return TenantData(uri, train, validation, splits.get("test", Split()))
+
+
+def _carve_validation(train: Split, seed: int) -> tuple[Split, Split]:
+    """Hold out ~10% of each label (labels with >= 2 examples) as validation, seeded."""
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, y in enumerate(train.labels):
+        by_label[y].append(i)
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for y in sorted(by_label):
+        idx = by_label[y]
+        if len(idx) >= 2:
+            held.update(rng.sample(idx, max(1, round(len(idx) * VALIDATION_FRACTION))))
+    keep = [i for i in range(len(train)) if i not in held]
+    val = sorted(held)
+    return (
+        Split([train.texts[i] for i in keep], [train.labels[i] for i in keep]),
+        Split([train.texts[i] for i in val], [train.labels[i] for i in val]),
+    )

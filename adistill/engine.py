@@ -1,0 +1,160 @@
+"""Multi-tenant batched inference: one encoder forward for a batch whose rows belong to many tenants.
+
+Rows of tenants with plain adapters (`adapter`, `distill`) share one forward: each row goes through its own
+tenant's adapter, gathered from an `AdapterBank` (one bank per adapter shape, slots reused LRU). Rows of
+`fusion` and `finetune` tenants run a forward per tenant. Each tenant's head then scores its own rows.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adistill.adapters import AdapterBank, AdapterSet
+from adistill.backbone import Backbone
+from adistill.config import AdapterConfig
+from adistill.encoder import encode
+from adistill.model import TenantModel
+
+
+@dataclass
+class Prediction:
+    labels: list[tuple[str, float]]  # top-k (label, probability), best first
+    out_of_scope: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": [{"label": y, "score": round(p, 6)} for y, p in self.labels],
+            "out_of_scope": self.out_of_scope,
+        }
+
+
+class _SlotBank:
+    """An `AdapterBank` plus which tenant (by weights key) sits in which slot, least recently used first."""
+
+    def __init__(self, bank: AdapterBank) -> None:
+        self.bank = bank
+        self.slots: OrderedDict[str, int] = OrderedDict()
+        self.loads = 0
+
+    def slot(self, model: TenantModel) -> int:
+        if model.key in self.slots:
+            self.slots.move_to_end(model.key)
+            return self.slots[model.key]
+        if len(self.slots) < self.bank.capacity:
+            slot = len(self.slots)
+        else:
+            _, slot = self.slots.popitem(last=False)
+        assert isinstance(model.adapters, AdapterSet)
+        self.bank.put(slot, model.adapters)
+        self.slots[model.key] = slot
+        self.loads += 1
+        return slot
+
+
+class Engine:
+    """Batched inference for many tenants on one shared, frozen encoder."""
+
+    def __init__(self, backbone: Backbone, bank_slots: int = 256) -> None:
+        self.backbone = backbone
+        self.bank_slots = bank_slots
+        self.banks: dict[AdapterConfig, _SlotBank] = {}
+
+    def _bank(self, config: AdapterConfig) -> _SlotBank:
+        if config not in self.banks:
+            b = self.backbone
+            bank = AdapterBank(
+                b.num_layers,
+                b.hidden_size,
+                config,
+                self.bank_slots,
+                b.device,
+                next(b.model.parameters()).dtype,
+            )
+            self.banks[config] = _SlotBank(bank)
+        return self.banks[config]
+
+    def _tokenize(self, texts: list[str], models: list[TenantModel]) -> list[list[int]]:
+        ids: list[list[int]] = [[] for _ in texts]
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, m in enumerate(models):
+            by_length[m.max_length].append(i)
+        for max_length, rows in by_length.items():
+            enc = self.backbone.tokenizer([texts[i] for i in rows], truncation=True, max_length=max_length)
+            for i, row_ids in zip(rows, enc["input_ids"]):
+                ids[i] = row_ids
+        return ids
+
+    def _pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(x) for x in ids)
+        pad = int(self.backbone.tokenizer.pad_token_id or 0)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x)] = torch.tensor(x)
+            mask[row, : len(x)] = 1
+        device = self.backbone.device
+        return input_ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def predict(self, texts: list[str], models: list[TenantModel], top_k: int = 3) -> list[Prediction]:
+        """Row i of `texts` is answered by `models[i]`; returns one `Prediction` per row, in order."""
+        if len(texts) != len(models):
+            raise ValueError(f"{len(texts)} texts but {len(models)} tenant models")
+        if not texts:
+            return []
+        ids = self._tokenize(texts, models)
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for i, m in enumerate(models):
+            shared = isinstance(m.adapters, AdapterSet) and m.encoder is None
+            groups[m.adapters.config if shared else m.key].append(i)  # type: ignore[union-attr]
+        out: list[Prediction | None] = [None] * len(texts)
+        for key, rows in groups.items():
+            for chunk in self._chunks(rows, models) if isinstance(key, AdapterConfig) else [rows]:
+                self._run(chunk, ids, models, top_k, out)
+        return [p for p in out if p is not None]
+
+    def _chunks(self, rows: list[int], models: list[TenantModel]) -> list[list[int]]:
+        """Split rows so no chunk needs more distinct tenants than the bank has slots."""
+        chunks: list[list[int]] = [[]]
+        seen: set[str] = set()
+        for i in rows:
+            if models[i].key not in seen and len(seen) == self.bank_slots:
+                chunks.append([])
+                seen = set()
+            seen.add(models[i].key)
+            chunks[-1].append(i)
+        return chunks
+
+    def _run(
+        self,
+        rows: list[int],
+        ids: list[list[int]],
+        models: list[TenantModel],
+        top_k: int,
+        out: list[Prediction | None],
+    ) -> None:
+        input_ids, mask = self._pad([ids[i] for i in rows])
+        first = models[rows[0]]
+        if isinstance(first.adapters, AdapterSet) and first.encoder is None:
+            bank = self._bank(first.adapters.config)
+            slots = torch.tensor([bank.slot(models[i]) for i in rows], device=input_ids.device)
+            hidden = encode(self.backbone.model, input_ids, mask, bank.bank.route(slots))
+        else:
+            hidden = first.hidden(self.backbone, input_ids, mask)
+        by_model: dict[str, list[int]] = defaultdict(list)
+        for pos, i in enumerate(rows):
+            by_model[models[i].key].append(pos)
+        for positions in by_model.values():
+            model = models[rows[positions[0]]]
+            index = torch.tensor(positions, device=hidden.device)
+            probs = model.head(hidden[index], mask[index]).float().softmax(-1).cpu()
+            top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+            threshold = model.oos_threshold
+            for j, pos in enumerate(positions):
+                pairs = [(model.labels[k], float(p)) for p, k in zip(top.values[j], top.indices[j])]
+                oos = threshold is not None and pairs[0][1] < threshold
+                out[rows[pos]] = Prediction(pairs, oos)

@@ -1,0 +1,55 @@
+"""Train one tenant from a data URI and package it as artifact files: shared by the CLI, onboarding and demo."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from adistill.artifacts import artifact_files
+from adistill.backbone import Backbone
+from adistill.config import RecipeConfig
+from adistill.data import TenantData, few_shot, read_tenant_data
+from adistill.recipes import TrainResult, train_tenant
+from adistill.recipes.loop import Progress
+from adistill.recipes.train import Teacher
+from adistill.tenant_id import validate_tenant_id
+
+
+@dataclass
+class TenantJob:
+    tenant_id: str
+    data: str
+    config: RecipeConfig
+
+    def __post_init__(self) -> None:
+        validate_tenant_id(self.tenant_id)
+
+
+def load_job_data(job: TenantJob, storage_options: dict[str, Any] | None = None) -> TenantData:
+    data = read_tenant_data(job.data, storage_options, seed=job.config.seed)
+    return few_shot(data, job.config.shots, job.config.seed) if job.config.shots else data
+
+
+def data_record(job: TenantJob, data: TenantData) -> dict[str, Any]:
+    """What an artifact records about the data it was trained on."""
+    return {
+        "source": job.data,
+        "fingerprint": data.fingerprint(),
+        "shots": job.config.shots,
+        "train_examples": len(data.train),
+        "num_labels": len(data.labels),
+    }
+
+
+def run_job(
+    job: TenantJob,
+    backbone: Backbone,
+    teachers: list[Teacher],
+    storage_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    version: int | None = None,
+) -> tuple[dict[str, bytes], TrainResult]:
+    data = load_job_data(job, storage_options)
+    result = train_tenant(backbone, data, job.config, teachers, progress)
+    files = artifact_files(job.tenant_id, result, backbone, job.config, data_record(job, data), version)
+    return files, result

@@ -1,0 +1,85 @@
+"""`train_tenant`: one tenant, any method, config and data in, a trained `TenantModel` and its metrics out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from adistill.adapters import AdapterSet
+from adistill.backbone import Backbone
+from adistill.config import RecipeConfig
+from adistill.data import TenantData
+from adistill.errors import ConfigError
+from adistill.model import TenantModel
+from adistill.recipes.baselines import train_finetune, train_fusion
+from adistill.recipes.evaluate import calibrate, evaluate
+from adistill.recipes.loop import FitResult, Progress
+from adistill.recipes.stage1 import train_adapter
+from adistill.recipes.stage2 import distill
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A frozen adapter of an earlier tenant, with the identity recorded in the new tenant's lineage."""
+
+    tenant_id: str
+    adapters: AdapterSet
+    version: int | None = None
+    sha256: str | None = None
+
+    def lineage(self) -> dict[str, Any]:
+        return {"tenant_id": self.tenant_id, "version": self.version, "sha256": self.sha256}
+
+
+@dataclass
+class TrainResult:
+    model: TenantModel
+    metrics: dict[str, Any]
+    stages: dict[str, FitResult] = field(default_factory=dict)
+    teachers: list[Teacher] = field(default_factory=list)
+
+
+def train_tenant(
+    backbone: Backbone,
+    data: TenantData,
+    cfg: RecipeConfig,
+    teachers: list[Teacher] | tuple[Teacher, ...] = (),
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train one tenant with `cfg.method`; teachers are used by `distill` and `fusion` only."""
+    teachers = list(teachers) if cfg.method in ("distill", "fusion") else []
+    for t in teachers:
+        if t.adapters.config != cfg.adapter:
+            raise ConfigError(
+                f"teacher {t.tenant_id!r} has adapter {t.adapters.config}, the new tenant uses {cfg.adapter}; "
+                "teachers must share the adapter shape"
+            )
+    if cfg.method == "fusion" and not teachers:
+        raise ConfigError("method 'fusion' needs at least one teacher")
+    stages: dict[str, FitResult] = {}
+    if cfg.method == "finetune":
+        model, stages["finetune"] = train_finetune(backbone, data, cfg, progress)
+    else:
+        model, stages["stage1"] = train_adapter(backbone, data, cfg, progress)
+        adapters = [t.adapters for t in teachers]
+        if cfg.method == "fusion":
+            model, stages["fusion"] = train_fusion(backbone, data, cfg, model, adapters, progress)
+        elif cfg.method == "distill" and teachers:
+            model, stages["stage2"] = distill(backbone, data, cfg, model, adapters, progress)
+        elif cfg.method == "distill":
+            log.warning("no teachers: 'distill' is stage 1 alone for this tenant")
+            model.method = "distill"
+    model.max_length = cfg.max_length
+    model.oos_threshold = calibrate(backbone, model, data.validation, cfg.max_length)
+    metrics: dict[str, Any] = {
+        "validation": evaluate(backbone, model, data.validation, cfg.max_length),
+        "train_examples": len(data.train),
+        "seconds": {name: round(r.seconds, 2) for name, r in stages.items()},
+        "best_epoch": {name: r.best_epoch for name, r in stages.items()},
+    }
+    if len(data.test):
+        metrics["test"] = evaluate(backbone, model, data.test, cfg.max_length)
+    return TrainResult(model, metrics, stages, teachers)

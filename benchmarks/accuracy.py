@@ -1,0 +1,266 @@
+"""The paper's experiment on public data: CLINC150 leave-one-out, adapter vs fusion vs distill (DESIGN.md §5).
+
+For each of the 10 domains as the new tenant, the other 9 are teachers trained on their full training data;
+the new tenant gets k shots per intent (seeded). Stage 1 is trained once per (tenant, k, seed) and shared:
+`adapter` is stage 1 alone, `fusion` and `distill` start from it. Results are cached per run under --workdir,
+so an interrupted benchmark resumes. Writes benchmarks/results/accuracy.{json,md,png}.
+
+    python benchmarks/accuracy.py                      # k = 5 and 10, seed 0, all 10 tenants
+    python benchmarks/accuracy.py --shots 5 --tenants banking meta --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from adistill.artifacts import artifact_files, load_artifact, save_artifact
+from adistill.backbone import load_backbone
+from adistill.config import RecipeConfig, TrainConfig
+from adistill.data import few_shot, read_tenant_data
+from adistill.datasets import clinc150
+from adistill.encoder import encode
+from adistill.engine import Engine
+from adistill.recipes import train_tenant
+from adistill.recipes.baselines import train_fusion
+from adistill.recipes.evaluate import accuracy
+from adistill.recipes.stage1 import train_adapter
+from adistill.recipes.stage2 import distill
+
+log = logging.getLogger("benchmarks.accuracy")
+METHODS = ("adapter", "fusion", "distill")
+
+
+def teacher_artifacts(backbone, workdir: Path, epochs: int) -> dict[str, Path]:
+    """One adapter per domain on its full training data (cached)."""
+    out = {}
+    cfg = RecipeConfig(method="adapter", stage1=TrainConfig(epochs=epochs, lr=1e-3, patience=3))
+    for domain in clinc150.domains():
+        path = workdir / "teachers" / domain
+        if not (path / "adapter_config.json").exists():
+            t0 = time.perf_counter()
+            data = read_tenant_data(clinc150.tenant_path(domain))
+            result = train_tenant(backbone, data, cfg)
+            record = {"source": domain, "fingerprint": data.fingerprint(), "train_examples": len(data.train)}
+            save_artifact(artifact_files(domain.replace("_", "-"), result, backbone, cfg, record), path)
+            log.warning(
+                "teacher %s: val %.4f (%.0fs)",
+                domain,
+                result.metrics["validation"]["accuracy"],
+                time.perf_counter() - t0,
+            )
+        out[domain] = path
+    return out
+
+
+def run_one(backbone, domain: str, shots: int, seed: int, teachers: list, cfg: RecipeConfig) -> dict:
+    data = few_shot(read_tenant_data(clinc150.tenant_path(domain)), shots, seed)
+    cfg = cfg.replace(shots=shots, seed=seed)
+    row: dict = {"tenant": domain, "shots": shots, "seed": seed}
+    stage1, fit1 = train_adapter(backbone, data, cfg)
+    models = {"adapter": (stage1, fit1)}
+    models["fusion"] = train_fusion(backbone, data, cfg, stage1, teachers)
+    models["distill"] = distill(backbone, data, cfg, stage1, teachers)
+    for method, (model, fit) in models.items():
+        row[method] = {
+            "test_accuracy": accuracy(backbone, model, data.test, cfg.max_length),
+            "val_accuracy": fit.best_val_accuracy,
+            "best_epoch": fit.best_epoch,
+            "epochs_run": fit.epochs_run,
+            "train_seconds": round(fit.seconds, 1),
+        }
+    return row
+
+
+def throughput(backbone, teacher_paths: list[Path], texts: list[str], repeats: int) -> dict[str, float]:
+    """Sequences/s on the same batch: bare encoder, one adapter (adapter = distill at inference), fusion of 10."""
+    engine = Engine(backbone)
+    single = load_artifact(teacher_paths[0], backbone).model
+    ids = backbone.tokenize(texts, 32)
+    fusion_cfg = RecipeConfig(method="fusion", stage2=TrainConfig(epochs=1))
+    data = few_shot(read_tenant_data(clinc150.tenant_path("banking")), 1, 0)
+    teachers = [load_artifact(p, backbone).as_teacher().adapters for p in teacher_paths[:9]]
+    fusion_model, _ = train_fusion(backbone, data, fusion_cfg, single, teachers)
+
+    def timed(fn) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return len(texts) * repeats / (time.perf_counter() - t0)
+
+    with torch.no_grad():
+        rates = {
+            "bare": timed(lambda: encode(backbone.model, ids["input_ids"], ids["attention_mask"])),
+            "adapter": timed(lambda: engine.predict(texts, [single] * len(texts))),
+            "fusion": timed(lambda: engine.predict(texts, [fusion_model] * len(texts))),
+        }
+    rates["distill"] = rates["adapter"]  # same artifact shape and forward; measured once
+    return rates
+
+
+def summarise(rows: list[dict], sizes: dict, speed: dict, meta: dict) -> dict:
+    table = {}
+    for shots in sorted({r["shots"] for r in rows}):
+        sub = [r for r in rows if r["shots"] == shots]
+        avg = {m: 100 * statistics.mean(r[m]["test_accuracy"] for r in sub) for m in METHODS}
+        wins = sum(r["distill"]["test_accuracy"] > r["adapter"]["test_accuracy"] for r in sub)
+        ties = sum(r["distill"]["test_accuracy"] == r["adapter"]["test_accuracy"] for r in sub)
+        table[str(shots)] = {"runs": len(sub), "average": avg, "distill_beats_adapter": wins, "ties": ties}
+    return {"meta": meta, "summary": table, "sizes": sizes, "throughput": speed, "runs": rows}
+
+
+def markdown(report: dict) -> str:
+    lines = ["# CLINC150 leave-one-out: adapter vs fusion vs distill", ""]
+    m = report["meta"]
+    lines += [f"Backbone {m['backbone']} (frozen), {m['machine']}, seeds {m['seeds']}, {m['date']}.", ""]
+    lines += [
+        "| shots | runs | adapter | fusion | distill | distill − adapter | distill − fusion | distill > adapter |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shots, s in report["summary"].items():
+        a = s["average"]
+        lines.append(
+            f"| {shots} | {s['runs']} | {a['adapter']:.2f} | {a['fusion']:.2f} | {a['distill']:.2f} | "
+            f"{a['distill'] - a['adapter']:+.2f} | {a['distill'] - a['fusion']:+.2f} | "
+            f"{s['distill_beats_adapter']} (ties {s['ties']}) |"
+        )
+    lines += [
+        "",
+        "Per tenant (test accuracy %, in-scope queries):",
+        "",
+        "| tenant | shots | seed | adapter | fusion | distill |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['tenant']} | {r['shots']} | {r['seed']} | "
+            + " | ".join(f"{100 * r[x]['test_accuracy']:.2f}" for x in METHODS)
+            + " |"
+        )
+    sp, sz = report["throughput"], report["sizes"]
+    lines += [
+        "",
+        "Per tenant at inference (CPU throughput on one batch of 32 test queries, ratio to bare encoder):",
+        "",
+        "| method | added params (% of backbone) | artifact bytes | seq/s | ratio to bare |",
+        "|---|---|---|---|---|",
+    ]
+    lines.append(f"| bare encoder | 0 | 0 | {sp['bare']:.0f} | 1.00 |")
+    for x in METHODS:
+        lines.append(
+            f"| {x} | {sz[x]['percent_of_backbone']:.2f}% | {sz[x]['artifact_bytes']:,} | "
+            f"{sp[x]:.0f} | {sp[x] / sp['bare']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = list(report["summary"])
+    fig, axes = plt.subplots(1, len(shots), figsize=(6 * len(shots), 4), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        runs = [r for r in report["runs"] if str(r["shots"]) == k]
+        tenants = sorted({r["tenant"] for r in runs})
+        width = 0.27
+        for j, method in enumerate(METHODS):
+            vals = [
+                100 * statistics.mean(r[method]["test_accuracy"] for r in runs if r["tenant"] == t) for t in tenants
+            ]
+            ax.bar([i + (j - 1) * width for i in range(len(tenants))], vals, width, label=method)
+        ax.set_xticks(range(len(tenants)), tenants, rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(50, 100)
+        ax.set_title(f"{k} shots per intent")
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shots", type=int, nargs="+", default=[5, 10])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--tenants", nargs="+", default=None)
+    p.add_argument("--teacher-epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=40, help="epochs of stage 1, fusion and stage 2")
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--workdir", default="runs/accuracy")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    torch.manual_seed(0)
+    workdir, out = Path(args.workdir), Path(args.out)
+    (workdir / "runs").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = load_backbone()
+    teachers = teacher_artifacts(backbone, workdir, args.teacher_epochs)
+    cfg = RecipeConfig(
+        stage1=TrainConfig(epochs=args.epochs, lr=1e-3, patience=args.patience),
+        stage2=TrainConfig(epochs=args.epochs, lr=5e-4, patience=args.patience),
+    )
+    loaded = {d: load_artifact(p, backbone) for d, p in teachers.items()}
+    rows = []
+    for shots in args.shots:
+        for seed in args.seeds:
+            for domain in args.tenants or clinc150.domains():
+                cache = workdir / "runs" / f"{domain}-k{shots}-s{seed}.json"
+                if not cache.exists():
+                    t0 = time.perf_counter()
+                    peers = [loaded[d].as_teacher().adapters for d in clinc150.domains() if d != domain]
+                    row = run_one(backbone, domain, shots, seed, peers, cfg)
+                    row["seconds"] = round(time.perf_counter() - t0, 1)
+                    cache.write_text(json.dumps(row, indent=1))
+                    log.warning(
+                        "%s k=%d s=%d: %s (%.0fs)",
+                        domain,
+                        shots,
+                        seed,
+                        {m: round(100 * row[m]["test_accuracy"], 2) for m in METHODS},
+                        row["seconds"],
+                    )
+                rows.append(json.loads(cache.read_text()))
+    texts = read_tenant_data(clinc150.tenant_path("banking")).test.texts[:32]
+    speed = throughput(backbone, list(teachers.values()), texts, repeats=10)
+    one = loaded["banking"]
+    adapter_bytes = one.meta["files"]["adapter.safetensors"]["bytes"]
+    pct = one.meta["parameters"]["percent_of_backbone"]
+    fusion_extra = 3 * (backbone.hidden_size**2 + backbone.hidden_size) * backbone.num_layers
+    sizes = {
+        "adapter": {"percent_of_backbone": pct, "artifact_bytes": adapter_bytes},
+        "distill": {"percent_of_backbone": pct, "artifact_bytes": adapter_bytes},
+        "fusion": {
+            "percent_of_backbone": pct + 100 * fusion_extra / backbone.num_parameters,
+            "artifact_bytes": adapter_bytes * 10 + 4 * fusion_extra,
+        },
+    }
+    meta = {
+        "backbone": backbone.name,
+        "machine": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "seeds": args.seeds,
+        "date": time.strftime("%Y-%m-%d"),
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "teacher_epochs": args.teacher_epochs,
+        "teacher_val_accuracy": {d: a.meta["metrics"]["validation"]["accuracy"] for d, a in loaded.items()},
+    }
+    report = summarise(rows, sizes, speed, meta)
+    (out / "accuracy.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "accuracy.md").write_text(markdown(report))
+    chart(report, out / "accuracy.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
