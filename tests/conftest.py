@@ -143,3 +143,20 @@ def fast_config(method: str = "adapter", epochs: int = 3, **changes: object) -> 
         finetune=TrainConfig(epochs=epochs, lr=1e-3, batch_size=16, patience=None),
         **changes,  # type: ignore[arg-type]
     )
+
+
+@pytest.fixture(scope="session")
+def ray_local():  # type: ignore[no-untyped-def]
+    """One local Ray instance for the whole test session (start-up costs ~5 s). Logical CPUs exceed the 2 cores
+    so a Train worker, a Tune driver and Serve replicas fit at once; the work itself is tiny."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=True, log_to_driver=False, configure_logging=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
