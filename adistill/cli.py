@@ -131,7 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from adistill.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, echo=lambda line: sys.stdout.write(line + "\n"))
     return 0
 
 
@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the CLI owns the terminal: no weight-loading reports
+    transformers.logging.disable_progress_bar()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

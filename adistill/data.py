@@ -86,7 +86,7 @@ def read_tenant_data(uri: str, storage_options: dict[str, Any] | None = None, se
             if len(found) > 1:
                 raise DataError(f"{uri}: several files for split {name!r}: {sorted(found)}")
             if found:
-                splits[name] = _to_split(_read_table(fs, found[0]), found[0], expect_split=False)[name]
+                splits[name] = _to_split(_read_table(fs, found[0]), found[0], expect_split=False)["train"]
         if "train" not in splits:
             raise DataError(f"{uri}: folder holds no train.parquet, train.csv or train.jsonl")
     else:
