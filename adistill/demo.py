@@ -43,7 +43,7 @@ class DemoPlan:
 QUERIES = ["how much air is in my tires", "when is my car due for an oil change", "tell me a joke about cats"]
 
 
-def run_demo(out: Path, quick: bool = False, echo: Callable[[str], None] = lambda s: None) -> dict[str, object]:
+def run_demo(out: Path, quick: bool = False, echo: Callable[[str], object] = lambda s: None) -> dict[str, object]:
     plan = DemoPlan.default(quick)
     started = time.perf_counter()
     backbone = load_backbone()
@@ -54,7 +54,7 @@ def run_demo(out: Path, quick: bool = False, echo: Callable[[str], None] = lambd
     rows, models = [], {}
     for method in ("adapter", "fusion", "distill"):
         cfg = RecipeConfig(
-            method=method,  # type: ignore[arg-type]
+            method=method,
             shots=plan.shots,
             stage1=TrainConfig(epochs=plan.epochs, lr=1e-3, patience=8),
             stage2=TrainConfig(epochs=plan.epochs, lr=5e-4, patience=8),
@@ -100,7 +100,7 @@ def run_demo(out: Path, quick: bool = False, echo: Callable[[str], None] = lambd
     return report
 
 
-def _teacher(backbone: Backbone, domain: str, root: Path, epochs: int, echo: Callable[[str], None]) -> Path:
+def _teacher(backbone: Backbone, domain: str, root: Path, epochs: int, echo: Callable[[str], object]) -> Path:
     path = root / domain.replace("_", "-")
     if (path / "adapter_config.json").exists():
         return path
