@@ -12,6 +12,7 @@ from adistill.data import TenantData, few_shot, read_tenant_data
 from adistill.recipes import TrainResult, train_tenant
 from adistill.recipes.loop import Progress
 from adistill.recipes.train import Teacher
+from adistill.teachers import data_embedding
 from adistill.tenant_id import validate_tenant_id
 
 
@@ -30,15 +31,18 @@ def load_job_data(job: TenantJob, storage_options: dict[str, Any] | None = None)
     return few_shot(data, job.config.shots, job.config.seed) if job.config.shots else data
 
 
-def data_record(job: TenantJob, data: TenantData) -> dict[str, Any]:
-    """What an artifact records about the data it was trained on."""
-    return {
+def data_record(job: TenantJob, data: TenantData, backbone: Backbone | None = None) -> dict[str, Any]:
+    """What an artifact records about the data it was trained on (the embedding drives teacher selection)."""
+    record: dict[str, Any] = {
         "source": job.data,
         "fingerprint": data.fingerprint(),
         "shots": job.config.shots,
         "train_examples": len(data.train),
         "num_labels": len(data.labels),
     }
+    if backbone is not None:
+        record["embedding"] = data_embedding(backbone, data.train.texts, job.config.max_length)
+    return record
 
 
 def run_job(
@@ -51,5 +55,5 @@ def run_job(
 ) -> tuple[dict[str, bytes], TrainResult]:
     data = load_job_data(job, storage_options)
     result = train_tenant(backbone, data, job.config, teachers, progress)
-    files = artifact_files(job.tenant_id, result, backbone, job.config, data_record(job, data), version)
+    files = artifact_files(job.tenant_id, result, backbone, job.config, data_record(job, data, backbone), version)
     return files, result

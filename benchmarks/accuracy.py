@@ -60,8 +60,22 @@ def teacher_artifacts(backbone, workdir: Path, epochs: int) -> dict[str, Path]:
     return out
 
 
-def run_one(backbone, domain: str, shots: int, seed: int, teachers: list, cfg: RecipeConfig) -> dict:
+def subsample_validation(data, per_label: int | None, seed: int):
+    """Keep `per_label` in-scope validation rows per intent (seeded): model selection on fewer rows, for CPU time."""
+    if per_label is None:
+        return data
+    from adistill.data import Split, TenantData
+
+    inside = data.validation.in_scope()
+    picked = few_shot(TenantData(data.source, inside, inside, data.test), per_label, seed).train
+    return TenantData(data.source, data.train, Split(picked.texts, picked.labels), data.test)
+
+
+def run_one(
+    backbone, domain: str, shots: int, seed: int, teachers: list, cfg: RecipeConfig, val_per_label: int | None
+) -> dict:
     data = few_shot(read_tenant_data(clinc150.tenant_path(domain)), shots, seed)
+    data = subsample_validation(data, val_per_label, seed)
     cfg = cfg.replace(shots=shots, seed=seed)
     row: dict = {"tenant": domain, "shots": shots, "seed": seed}
     stage1, fit1 = train_adapter(backbone, data, cfg)
@@ -103,6 +117,13 @@ def throughput(backbone, teacher_paths: list[Path], texts: list[str], repeats: i
             "fusion": timed(lambda: engine.predict(texts, [fusion_model] * len(texts))),
         }
     rates["distill"] = rates["adapter"]  # same artifact shape and forward; measured once
+    from safetensors.torch import save as st_save
+
+    from adistill.artifacts import added_parameters
+
+    state = {k: v.contiguous() for k, v in fusion_model.state_dict().items()}
+    rates["fusion_artifact_bytes"] = len(st_save(state))
+    rates["fusion_added_parameters"] = added_parameters(fusion_model)
     return rates
 
 
@@ -196,6 +217,7 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--epochs", type=int, default=40, help="epochs of stage 1, fusion and stage 2")
     p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--val-per-label", type=int, default=None, help="validation rows per intent (default: all 20)")
     p.add_argument("--workdir", default="runs/accuracy")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
@@ -219,7 +241,7 @@ def main() -> None:
                 if not cache.exists():
                     t0 = time.perf_counter()
                     peers = [loaded[d].as_teacher().adapters for d in clinc150.domains() if d != domain]
-                    row = run_one(backbone, domain, shots, seed, peers, cfg)
+                    row = run_one(backbone, domain, shots, seed, peers, cfg, args.val_per_label)
                     row["seconds"] = round(time.perf_counter() - t0, 1)
                     cache.write_text(json.dumps(row, indent=1))
                     log.warning(
@@ -236,13 +258,12 @@ def main() -> None:
     one = loaded["banking"]
     adapter_bytes = one.meta["files"]["adapter.safetensors"]["bytes"]
     pct = one.meta["parameters"]["percent_of_backbone"]
-    fusion_extra = 3 * (backbone.hidden_size**2 + backbone.hidden_size) * backbone.num_layers
     sizes = {
         "adapter": {"percent_of_backbone": pct, "artifact_bytes": adapter_bytes},
         "distill": {"percent_of_backbone": pct, "artifact_bytes": adapter_bytes},
         "fusion": {
-            "percent_of_backbone": pct + 100 * fusion_extra / backbone.num_parameters,
-            "artifact_bytes": adapter_bytes * 10 + 4 * fusion_extra,
+            "percent_of_backbone": round(100 * speed.pop("fusion_added_parameters") / backbone.num_parameters, 3),
+            "artifact_bytes": int(speed.pop("fusion_artifact_bytes")),
         },
     }
     meta = {
@@ -253,6 +274,7 @@ def main() -> None:
         "epochs": args.epochs,
         "patience": args.patience,
         "teacher_epochs": args.teacher_epochs,
+        "val_per_label": args.val_per_label,
         "teacher_val_accuracy": {d: a.meta["metrics"]["validation"]["accuracy"] for d, a in loaded.items()},
     }
     report = summarise(rows, sizes, speed, meta)
