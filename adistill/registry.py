@@ -1,0 +1,725 @@
+"""The adapter registry: immutable numbered versions of every tenant's artifact plus a pointer, on any fsspec store.
+
+Layout under the root URI (a local folder, `file://...` or `s3://bucket/prefix`):
+
+    tenants/<tenant_id>/LATEST                        the pointer: committed versions, the latest one, checksums
+    tenants/<tenant_id>/v000001/.claim                written first, exclusively: reserves version 1 for one publisher
+    tenants/<tenant_id>/v000001/adapter.safetensors
+    tenants/<tenant_id>/v000001/adapter_config.json   written last of the version's files
+
+Publishing: claim the next free version folder by an exclusive create, write the weights, then the config, then
+add the version to the pointer with a compare-and-swap write. Only versions the pointer names exist for readers,
+so a publish killed at any point leaves the previous version served and no half version visible. Every read
+checks the config against the pointer's sha256 and the weights against the config's. docs/registry.md has
+the details, including what each store guarantees.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import fsspec
+
+from adistill.artifacts import CONFIG, WEIGHTS, Artifact, artifact_from_files, parse_meta, sha256, verify_files
+from adistill.backbone import Backbone
+from adistill.errors import AdistillError, ConfigError, CorruptArtifact, TenantNotFound
+from adistill.tenant_id import TENANT_ID_PATTERN, validate_tenant_id
+
+log = logging.getLogger(__name__)
+
+POINTER = "LATEST"
+CLAIM = ".claim"
+POINTER_FORMAT = "adistill-registry-pointer"
+POINTER_FORMAT_VERSION = 1
+TEACHER_METHODS = ("adapter", "distill")
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CAS_ATTEMPTS = 200
+_CLAIM_ATTEMPTS = 1000
+
+
+class RegistryError(AdistillError):
+    """The registry's storage cannot be reached, refuses access, or keeps losing a concurrent update."""
+
+
+def version_dir(version: int) -> str:
+    return f"v{version:06d}"
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stores: the few primitives the protocol needs, each with the strongest guarantee the backend offers.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Store(Protocol):
+    def read(self, path: str) -> bytes | None: ...
+    def read_tagged(self, path: str) -> tuple[bytes, str] | None: ...
+    def write(self, path: str, data: bytes) -> None: ...
+    def create(self, path: str, data: bytes) -> bool: ...
+    def write_if(self, path: str, data: bytes, tag: str | None) -> bool: ...
+    def delete(self, path: str) -> None: ...
+    def delete_tree(self, path: str) -> None: ...
+    def list_dirs(self, path: str) -> list[str]: ...
+    def list_pointers(self, path: str, name: str) -> list[str]: ...
+
+
+class _LocalStore:
+    """A local folder. Atomic writes (temp file + rename), exclusive create (hard link), pointer CAS under flock."""
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+
+    def _p(self, path: str) -> Path:
+        return self.root / path
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            return self._p(path).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_tagged(self, path: str) -> tuple[bytes, str] | None:
+        data = self.read(path)
+        return None if data is None else (data, sha256(data))
+
+    def _temp(self, target: Path, data: bytes) -> Path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return Path(name)
+
+    def write(self, path: str, data: bytes) -> None:
+        target = self._p(path)
+        tmp = self._temp(target, data)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def create(self, path: str, data: bytes) -> bool:
+        target = self._p(path)
+        tmp = self._temp(target, data)
+        try:
+            os.link(tmp, target)  # fails if target exists: the whole file appears at once, or not at all
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @contextmanager
+    def _locked(self, target: Path) -> Iterator[None]:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(f".{target.name}.lock"), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def write_if(self, path: str, data: bytes, tag: str | None) -> bool:
+        target = self._p(path)
+        with self._locked(target):
+            current = self.read_tagged(path)
+            if (current[1] if current else None) != tag:
+                return False
+            self.write(path, data)
+            return True
+
+    def delete(self, path: str) -> None:
+        self._p(path).unlink(missing_ok=True)
+
+    def delete_tree(self, path: str) -> None:
+        target = self._p(path)
+        if target.is_dir():
+            # rename first so that a reader never sees a half-deleted tree under the tenant's name
+            trash = target.with_name(f".deleted-{target.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(target, trash)
+            shutil.rmtree(trash)
+
+    def list_dirs(self, path: str) -> list[str]:
+        target = self._p(path)
+        if not target.is_dir():
+            return []
+        return sorted(p.name for p in target.iterdir() if p.is_dir())
+
+    def list_pointers(self, path: str, name: str) -> list[str]:
+        target = self._p(path)
+        if not target.is_dir():
+            return []
+        return sorted(p.name for p in target.iterdir() if (p / name).is_file())
+
+
+def _s3_code(exc: BaseException) -> str:
+    """The S3 error code (or HTTP status) behind an s3fs exception, '' when there is none."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error", {})
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return str(error.get("Code") or status or "")
+    return ""
+
+
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+class _S3Store:
+    """S3 and S3-compatible stores: every PUT is atomic; exclusive create and pointer CAS by conditional PUTs
+    (`If-None-Match: *`, `If-Match: <etag>`), supported by AWS S3 (since 2024), moto (5.2.5 checked) and
+    SeaweedFS (4.48 checked)."""
+
+    def __init__(self, fs: Any, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+
+    def _p(self, path: str) -> str:
+        return f"{self.root}/{path}" if path else self.root
+
+    def _split(self, path: str) -> tuple[str, str]:
+        bucket, key, _ = self.fs.split_path(self._p(path))
+        return bucket, key
+
+    def read(self, path: str) -> bytes | None:
+        got = self.read_tagged(path)
+        return None if got is None else got[0]
+
+    def read_tagged(self, path: str) -> tuple[bytes, str] | None:
+        bucket, key = self._split(path)
+
+        async def get() -> tuple[bytes, str]:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            body = response["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            return data, str(response["ETag"])
+
+        try:
+            return fsspec.asyn.sync(self.fs.loop, get)
+        except FileNotFoundError as exc:
+            if _s3_code(exc) == "NoSuchBucket":
+                raise
+            return None
+
+    def _put(self, path: str, data: bytes, **conditions: str) -> bool:
+        bucket, key = self._split(path)
+        try:
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **conditions)
+        except OSError as exc:
+            if conditions and (isinstance(exc, FileExistsError) or _s3_code(exc) in _PRECONDITION):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(self._p(path))
+        return True
+
+    def write(self, path: str, data: bytes) -> None:
+        self._put(path, data)
+
+    def create(self, path: str, data: bytes) -> bool:
+        return self._put(path, data, IfNoneMatch="*")
+
+    def write_if(self, path: str, data: bytes, tag: str | None) -> bool:
+        return self._put(path, data, **({"IfMatch": tag} if tag else {"IfNoneMatch": "*"}))
+
+    def delete(self, path: str) -> None:
+        bucket, key = self._split(path)
+        self.fs.call_s3("delete_object", Bucket=bucket, Key=key)
+        self.fs.invalidate_cache(self._p(path))
+
+    def delete_tree(self, path: str) -> None:
+        target = self._p(path)
+        self.fs.invalidate_cache(target)
+        entries = self.fs.find(target, withdirs=True, detail=True)
+        files = [name for name, e in entries.items() if e["type"] != "directory" and name != target]
+        if files:
+            self.fs.rm(files)
+        # stores with real folders (SeaweedFS) keep empty ones as common prefixes: delete them, deepest first
+        folders = {target} | {name for name, e in entries.items() if e["type"] == "directory"}
+        for name in files:
+            parent = name.rsplit("/", 1)[0]
+            while parent.startswith(f"{target}/"):
+                folders.add(parent)
+                parent = parent.rsplit("/", 1)[0]
+        for folder in sorted(folders, key=len, reverse=True):
+            bucket, key = self._split(folder[len(self.root) + 1 :])
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=f"{key}/")
+        self.fs.invalidate_cache(target)
+
+    def list_dirs(self, path: str) -> list[str]:
+        target = self._p(path)
+        self.fs.invalidate_cache(target)
+        try:
+            entries = self.fs.ls(target, detail=True, refresh=True)
+        except FileNotFoundError as exc:
+            if _s3_code(exc) == "NoSuchBucket":
+                raise
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+    def list_pointers(self, path: str, name: str) -> list[str]:
+        # one flat listing (1 request per 1000 keys) instead of one request per tenant
+        target = self._p(path)
+        self.fs.invalidate_cache(target)
+        try:
+            keys = self.fs.find(target)
+        except FileNotFoundError as exc:
+            if _s3_code(exc) == "NoSuchBucket":
+                raise
+            return []
+        prefix = f"{target}/"
+        out = []
+        for key in keys:
+            parts = key[len(prefix) :].split("/") if key.startswith(prefix) else []
+            if len(parts) == 2 and parts[1] == name:
+                out.append(parts[0])
+        return sorted(out)
+
+
+class _FsspecStore:
+    """Any other fsspec filesystem. Writes of one object are assumed atomic; exclusive create and the pointer
+    CAS are check-then-write here, so run one publisher per tenant at a time on such stores (docs/registry.md)."""
+
+    def __init__(self, fs: Any, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+
+    def _p(self, path: str) -> str:
+        return f"{self.root}/{path}" if path else self.root
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            return bytes(self.fs.cat_file(self._p(path)))
+        except FileNotFoundError:
+            return None
+
+    def read_tagged(self, path: str) -> tuple[bytes, str] | None:
+        data = self.read(path)
+        return None if data is None else (data, sha256(data))
+
+    def write(self, path: str, data: bytes) -> None:
+        target = self._p(path)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(target, data)
+        self.fs.invalidate_cache(target)
+
+    def create(self, path: str, data: bytes) -> bool:
+        if self.read(path) is not None:
+            return False
+        self.write(path, data)
+        return True
+
+    def write_if(self, path: str, data: bytes, tag: str | None) -> bool:
+        current = self.read_tagged(path)
+        if (current[1] if current else None) != tag:
+            return False
+        self.write(path, data)
+        return True
+
+    def delete(self, path: str) -> None:
+        if self.fs.exists(self._p(path)):
+            self.fs.rm_file(self._p(path))
+
+    def delete_tree(self, path: str) -> None:
+        if self.fs.exists(self._p(path)):
+            self.fs.rm(self._p(path), recursive=True)
+
+    def list_dirs(self, path: str) -> list[str]:
+        target = self._p(path)
+        self.fs.invalidate_cache(target)
+        if not self.fs.isdir(target):
+            return []
+        return sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1]
+            for e in self.fs.ls(target, detail=True)
+            if e["type"] == "directory"
+        )
+
+    def list_pointers(self, path: str, name: str) -> list[str]:
+        return [d for d in self.list_dirs(path) if self.read(f"{path}/{d}/{name}") is not None]
+
+
+def _open_store(uri: str, storage_options: dict[str, Any]) -> _Store:
+    from fsspec.implementations.local import LocalFileSystem
+
+    options = dict(storage_options)
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    if protocol in ("s3", "s3a"):
+        options.setdefault("use_listings_cache", False)  # other processes publish too: never trust a cached listing
+    try:
+        fs, root = fsspec.core.url_to_fs(uri, **options)
+    except (ImportError, ValueError, TypeError, OSError) as exc:
+        raise ConfigError(f"registry {uri!r}: cannot open its filesystem: {exc}") from exc
+    if isinstance(fs, LocalFileSystem):
+        return _LocalStore(root)
+    if "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return _S3Store(fs, root)
+    log.warning("registry %s: %s has no conditional writes; run one publisher per tenant at a time", uri, protocol)
+    return _FsspecStore(fs, root)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Registry:
+    """Published tenant artifacts on one fsspec root. See the module docstring for the layout and protocol.
+
+    `s3://` credentials and endpoint come from the usual AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_ENDPOINT_URL, AWS_DEFAULT_REGION) or from `storage_options` (s3fs: key, secret, client_kwargs.endpoint_url).
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        if not isinstance(uri, str) or not uri.strip():
+            raise ConfigError(f"registry URI must be a non-empty string, got {uri!r}")
+        self.uri = uri.rstrip("/") or uri
+        self.storage_options = dict(storage_options or {})
+        self._store = _open_store(self.uri, self.storage_options)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.uri!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickles (Ray tasks, multiprocessing) re-open the store from the URI and options in the new process
+        return (Registry, (self.uri, self.storage_options))
+
+    # paths: only ever built from validated ids, integer versions and checked file names
+    def _tenant(self, tenant_id: str) -> str:
+        return f"tenants/{validate_tenant_id(tenant_id)}"
+
+    def _where(self, tenant_id: str, version: int | None = None) -> str:
+        base = f"{self.uri}/tenants/{tenant_id}"
+        return base if version is None else f"{base}/{version_dir(version)}"
+
+    @contextmanager
+    def _storage(self, doing: str) -> Iterator[None]:
+        """Storage failures (network, credentials, missing bucket) become one clear RegistryError."""
+        try:
+            yield
+        except AdistillError:
+            raise
+        except Exception as exc:
+            if not _is_storage_error(exc):
+                raise
+            detail = str(exc) or type(exc).__name__
+            if _s3_code(exc) == "NoSuchBucket":
+                detail = f"the bucket does not exist ({detail})"
+            raise RegistryError(f"registry {self.uri}: cannot {doing}: {detail}") from exc
+
+    # ---------------------------------------------------------------------------------------------- pointer
+    def _read_pointer(self, tenant_id: str) -> tuple[dict[str, Any], str] | None:
+        path = f"{self._tenant(tenant_id)}/{POINTER}"
+        with self._storage(f"read the pointer of tenant {tenant_id!r}"):
+            got = self._store.read_tagged(path)
+        if got is None:
+            return None
+        data, tag = got
+        return self._parse_pointer(tenant_id, data), tag
+
+    def _parse_pointer(self, tenant_id: str, data: bytes) -> dict[str, Any]:
+        where = f"{self._where(tenant_id)}/{POINTER}"
+        try:
+            pointer = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptArtifact(f"{where}: not valid JSON ({exc})") from exc
+        ok = (
+            isinstance(pointer, dict)
+            and pointer.get("format") == POINTER_FORMAT
+            and pointer.get("tenant_id") == tenant_id
+            and isinstance(pointer.get("versions"), dict)
+            and isinstance(pointer.get("version"), int)
+            and str(pointer["version"]) in pointer["versions"]
+        )
+        if not ok:
+            raise CorruptArtifact(f"{where}: not a registry pointer for tenant {tenant_id!r}")
+        return pointer
+
+    def _pointer_or_raise(self, tenant_id: str) -> dict[str, Any]:
+        got = self._read_pointer(tenant_id)
+        if got is None:
+            raise TenantNotFound(f"tenant {tenant_id!r} is not published in registry {self.uri}")
+        return got[0]
+
+    def _resolve(self, tenant_id: str, version: int | None) -> tuple[int, dict[str, Any]]:
+        """(version, its pointer entry); TenantNotFound unless the pointer names that version."""
+        pointer = self._pointer_or_raise(tenant_id)
+        if version is None:
+            version = int(pointer["version"])
+        if isinstance(version, bool) or not isinstance(version, int) or str(version) not in pointer["versions"]:
+            known = ", ".join(str(v) for v in _versions(pointer))
+            raise TenantNotFound(
+                f"tenant {tenant_id!r} has no version {version!r} in registry {self.uri} (versions: {known})"
+            )
+        return version, pointer["versions"][str(version)]
+
+    def _update_pointer(
+        self, tenant_id: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
+    ) -> dict[str, Any] | None:
+        """Compare-and-swap loop: `change(pointer or None) -> new pointer or None (delete)`; returns the result."""
+        path = f"{self._tenant(tenant_id)}/{POINTER}"
+        for attempt in range(_CAS_ATTEMPTS):
+            got = self._read_pointer(tenant_id)
+            current, tag = got if got else (None, None)
+            new = change(current)
+            with self._storage(f"update the pointer of tenant {tenant_id!r}"):
+                if new is None:
+                    if current is not None:
+                        self._store.delete(path)  # not conditional: see docs/registry.md (deletes vs publishes)
+                    return None
+                if self._store.write_if(path, _json_bytes(new), tag):
+                    return dict(new)
+            time.sleep(random.uniform(0.0, 0.02 * min(attempt + 1, 10)))
+        raise RegistryError(f"registry {self.uri}: pointer of tenant {tenant_id!r} kept changing; gave up")
+
+    # ---------------------------------------------------------------------------------------------- writes
+    def publish(self, tenant_id: str, files: dict[str, bytes]) -> int:
+        """Verify `files` (an artifact), write them as the tenant's next version, then move the pointer to it.
+
+        Returns the new version number. The config's `version` field is rewritten to that number; the checksums
+        it records (of the weights) still hold.
+        """
+        tenant = self._tenant(tenant_id)
+        meta = _check_input(tenant_id, files)
+        token = uuid.uuid4().hex
+        version = self._claim(tenant_id, token)
+        where = self._where(tenant_id, version)
+        meta["version"] = version
+        config = _json_bytes(meta)
+        folder = f"{tenant}/{version_dir(version)}"
+        with self._storage(f"write {where}"):
+            for name in sorted(files):
+                if name != CONFIG:
+                    self._store.write(f"{folder}/{name}", files[name])
+            self._store.write(f"{folder}/{CONFIG}", config)  # last: its presence means the files are complete
+        entry = {
+            "config_sha256": sha256(config),
+            "weights_sha256": sha256(files[WEIGHTS]),
+            "bytes": len(config) + sum(len(d) for n, d in files.items() if n != CONFIG),
+            "method": meta.get("method"),
+            "published_at": _now(),
+        }
+
+        def add(pointer: dict[str, Any] | None) -> dict[str, Any]:
+            versions = dict(pointer["versions"]) if pointer else {}
+            versions[str(version)] = entry
+            latest = max(int(v) for v in versions)  # never moves backwards: a slower publisher only adds its entry
+            return {
+                "format": POINTER_FORMAT,
+                "format_version": POINTER_FORMAT_VERSION,
+                "tenant_id": tenant_id,
+                "version": latest,
+                "config_sha256": versions[str(latest)]["config_sha256"],
+                "weights_sha256": versions[str(latest)]["weights_sha256"],
+                "updated_at": _now(),
+                "versions": versions,
+            }
+
+        pointer = self._update_pointer(tenant_id, add)
+        log.info("published %s version %d (latest is %s)", tenant_id, version, pointer["version"] if pointer else None)
+        return version
+
+    def _claim(self, tenant_id: str, token: str) -> int:
+        """Reserve the next version number by creating its `.claim` exclusively (two publishers never share one)."""
+        tenant = self._tenant(tenant_id)
+        with self._storage(f"list the versions of tenant {tenant_id!r}"):
+            taken = [int(m.group(1)) for d in self._store.list_dirs(tenant) if (m := _VERSION_DIR.match(d))]
+        pointer = self._read_pointer(tenant_id)
+        if pointer:
+            taken += _versions(pointer[0])
+        version = max(taken, default=0) + 1
+        claim = _json_bytes({"token": token, "host": socket.gethostname(), "pid": os.getpid(), "claimed_at": _now()})
+        for _ in range(_CLAIM_ATTEMPTS):
+            with self._storage(f"claim {self._where(tenant_id, version)}"):
+                if self._store.create(f"{tenant}/{version_dir(version)}/{CLAIM}", claim):
+                    return version
+            version += 1
+        raise RegistryError(f"registry {self.uri}: could not claim a version for tenant {tenant_id!r}")
+
+    def delete(self, tenant_id: str, version: int | None = None) -> None:
+        """Delete a whole tenant, or one version (the pointer moves back to the newest remaining version; deleting
+        the only version deletes the tenant). Version numbers are not reused while the tenant exists."""
+        tenant = self._tenant(tenant_id)
+        if version is None:  # works on a corrupt tenant too: the pointer is not parsed
+            with self._storage(f"delete tenant {tenant_id!r}"):
+                pointer = self._store.read(f"{tenant}/{POINTER}")
+                if pointer is None and not self._store.list_dirs(tenant):
+                    raise TenantNotFound(f"tenant {tenant_id!r} is not in registry {self.uri}")
+                self._store.delete(f"{tenant}/{POINTER}")  # first: the tenant disappears for readers at once
+                self._store.delete_tree(tenant)
+            log.info("deleted tenant %s from %s", tenant_id, self.uri)
+            return
+        self._resolve(tenant_id, version)
+
+        def remove(pointer: dict[str, Any] | None) -> dict[str, Any] | None:
+            if pointer is None or str(version) not in pointer["versions"]:
+                raise TenantNotFound(f"tenant {tenant_id!r} has no version {version} in registry {self.uri}")
+            versions = {k: v for k, v in pointer["versions"].items() if k != str(version)}
+            if not versions:
+                return None
+            latest = max(int(v) for v in versions)
+            return {
+                **pointer,
+                "version": latest,
+                "config_sha256": versions[str(latest)]["config_sha256"],
+                "weights_sha256": versions[str(latest)]["weights_sha256"],
+                "updated_at": _now(),
+                "versions": versions,
+            }
+
+        remaining = self._update_pointer(tenant_id, remove)
+        with self._storage(f"delete {self._where(tenant_id, version)}"):
+            if remaining is None:
+                self._store.delete_tree(tenant)
+            else:  # keep the .claim: the number stays taken
+                folder = f"{tenant}/{version_dir(version)}"
+                for name in (CONFIG, WEIGHTS):
+                    self._store.delete(f"{folder}/{name}")
+        log.info("deleted %s version %d from %s", tenant_id, version, self.uri)
+
+    # ---------------------------------------------------------------------------------------------- reads
+    def latest_version(self, tenant_id: str) -> int | None:
+        """The version the pointer names (one small read), or None for an unknown tenant."""
+        got = self._read_pointer(tenant_id)
+        return None if got is None else int(got[0]["version"])
+
+    def versions(self, tenant_id: str) -> list[int]:
+        """Committed versions, ascending ([] for an unknown tenant)."""
+        got = self._read_pointer(tenant_id)
+        return [] if got is None else _versions(got[0])
+
+    def tenants(self) -> list[str]:
+        """Tenants with a published pointer, sorted."""
+        with self._storage("list tenants"):
+            names = self._store.list_pointers("tenants", POINTER)
+        return [n for n in names if TENANT_ID_PATTERN.fullmatch(n)]
+
+    def _config(self, tenant_id: str, version: int | None) -> tuple[int, bytes, dict[str, Any]]:
+        version, entry = self._resolve(tenant_id, version)
+        where = self._where(tenant_id, version)
+        with self._storage(f"read {where}/{CONFIG}"):
+            config = self._store.read(f"{self._tenant(tenant_id)}/{version_dir(version)}/{CONFIG}")
+        if config is None:
+            raise CorruptArtifact(f"{where}: missing {CONFIG}")
+        if sha256(config) != entry.get("config_sha256"):
+            raise CorruptArtifact(f"{where}: {CONFIG} does not match the sha256 recorded in {POINTER}")
+        meta = parse_meta(config, where)
+        if meta.get("tenant_id") != tenant_id or meta.get("version") != version:
+            raise CorruptArtifact(
+                f"{where}: {CONFIG} describes tenant {meta.get('tenant_id')!r} version {meta.get('version')!r}"
+            )
+        return version, config, meta
+
+    def meta(self, tenant_id: str, version: int | None = None) -> dict[str, Any]:
+        """The parsed adapter_config.json of a version (latest by default): cheap, no weights read."""
+        return self._config(tenant_id, version)[2]
+
+    def get_files(self, tenant_id: str, version: int | None = None) -> dict[str, bytes]:
+        """The verified files of a version (latest by default): checksums checked, backbone not."""
+        version, config, meta = self._config(tenant_id, version)
+        where = self._where(tenant_id, version)
+        files = {CONFIG: config}
+        folder = f"{self._tenant(tenant_id)}/{version_dir(version)}"
+        for name in meta.get("files", {}):
+            if not _FILE_NAME.fullmatch(name):
+                raise CorruptArtifact(f"{where}: {CONFIG} lists a bad file name {name!r}")
+            with self._storage(f"read {where}/{name}"):
+                data = self._store.read(f"{folder}/{name}")
+            if data is None:
+                raise CorruptArtifact(f"{where}: missing {name}")
+            files[name] = data
+        verify_files(meta, files, where)
+        return files
+
+    def get(self, tenant_id: str, backbone: Backbone, version: int | None = None) -> Artifact:
+        """Load a version (latest by default) onto `backbone`; CorruptArtifact / BackboneMismatch otherwise."""
+        files = self.get_files(tenant_id, version)
+        version = int(json.loads(files[CONFIG])["version"])
+        return artifact_from_files(files, backbone, self._where(tenant_id, version))
+
+    def teachers(self, backbone_fingerprint: str, exclude: Iterable[str] = ()) -> list[tuple[str, int]]:
+        """(tenant_id, latest version) of published single-adapter tenants (adapter, distill) on that backbone.
+
+        Metadata only; tenants whose metadata is unreadable or corrupt are skipped with a warning."""
+        excluded = set(exclude)
+        out = []
+        for tenant_id in self.tenants():
+            if tenant_id in excluded:
+                continue
+            try:
+                version, _, meta = self._config(tenant_id, None)
+            except (CorruptArtifact, TenantNotFound) as exc:
+                log.warning("not a teacher: %s", exc)
+                continue
+            fingerprint = meta.get("backbone", {}).get("fingerprint")
+            if meta.get("method") in TEACHER_METHODS and fingerprint == backbone_fingerprint:
+                out.append((tenant_id, version))
+        return out
+
+
+def _versions(pointer: dict[str, Any]) -> list[int]:
+    return sorted(int(v) for v in pointer["versions"])
+
+
+def _check_input(tenant_id: str, files: dict[str, bytes]) -> dict[str, Any]:
+    """The artifact to publish: a config, the files it lists with matching checksums, nothing else."""
+    where = f"artifact to publish as {tenant_id!r}"
+    if not isinstance(files, dict) or CONFIG not in files:
+        raise CorruptArtifact(f"{where}: missing {CONFIG}")
+    meta = parse_meta(files[CONFIG], where)
+    listed = meta.get("files")
+    if not isinstance(listed, dict) or WEIGHTS not in listed:
+        raise CorruptArtifact(f"{where}: {CONFIG} records no checksum for {WEIGHTS}")
+    verify_files(meta, files, where)
+    extra = sorted(set(files) - set(listed) - {CONFIG})
+    if extra:
+        raise CorruptArtifact(f"{where}: unexpected file(s) {extra} not recorded in {CONFIG}")
+    bad = sorted(n for n in files if not _FILE_NAME.fullmatch(n))
+    if bad:
+        raise CorruptArtifact(f"{where}: bad file name(s) {bad}")
+    if meta.get("tenant_id") != tenant_id:
+        raise ConfigError(f"{where}: the artifact was built for tenant {meta.get('tenant_id')!r}, not {tenant_id!r}")
+    return meta
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        return False
+    return isinstance(exc, (BotoCoreError, ClientError))
