@@ -102,3 +102,16 @@ def test_missing_unsupported_and_unparsable_files(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no train"):
         read_tenant_data(str(tmp_path / "empty"))
+
+
+def test_reads_tenant_data_from_s3(s3_moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import fsspec
+
+    local = write(tmp_path / "t.parquet", ROWS, "parquet")
+    uri = s3_moto.uri("tenants") + "/t.parquet"
+    fs, path = fsspec.core.url_to_fs(uri, **s3_moto.storage_options)
+    fs.put(str(local), path)
+    data = read_tenant_data(uri, s3_moto.storage_options)
+    assert (len(data.train), len(data.validation), len(data.test)) == (30, 9, 9)
+    with pytest.raises(DataError, match="no such file"):
+        read_tenant_data(s3_moto.uri("tenants") + "/missing.parquet", s3_moto.storage_options)
