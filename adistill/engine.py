@@ -58,10 +58,30 @@ class _SlotBank:
 class Engine:
     """Batched inference for many tenants on one shared, frozen encoder."""
 
-    def __init__(self, backbone: Backbone, bank_slots: int = 256) -> None:
+    def __init__(self, backbone: Backbone, bank_slots: int = 256, bank_bytes: int | None = None) -> None:
+        """`bank_slots` caps each adapter bank's tenants; `bank_bytes`, if given, also caps each bank's bytes."""
+        if bank_slots < 1:
+            raise ValueError(f"bank_slots must be >= 1, got {bank_slots}")
+        if bank_bytes is not None and bank_bytes < 1:
+            raise ValueError(f"bank_bytes must be >= 1 or None, got {bank_bytes}")
         self.backbone = backbone
         self.bank_slots = bank_slots
+        self.bank_bytes = bank_bytes
         self.banks: dict[AdapterConfig, _SlotBank] = {}
+
+    def slot_bytes(self, config: AdapterConfig) -> int:
+        """Device bytes one tenant of this adapter shape takes in a bank."""
+        b = self.backbone
+        r = config.bottleneck(b.hidden_size)
+        per_site = 2 * b.hidden_size * r + r + b.hidden_size
+        dtype = next(b.model.parameters()).dtype
+        return b.num_layers * len(config.sites) * per_site * torch.empty((), dtype=dtype).element_size()
+
+    def capacity(self, config: AdapterConfig) -> int:
+        """Slots of the bank for this adapter shape: `bank_slots`, fewer if `bank_bytes` is smaller."""
+        if self.bank_bytes is None:
+            return self.bank_slots
+        return max(1, min(self.bank_slots, self.bank_bytes // self.slot_bytes(config)))
 
     def _bank(self, config: AdapterConfig) -> _SlotBank:
         if config not in self.banks:
@@ -70,7 +90,7 @@ class Engine:
                 b.num_layers,
                 b.hidden_size,
                 config,
-                self.bank_slots,
+                self.capacity(config),
                 b.device,
                 next(b.model.parameters()).dtype,
             )
@@ -113,16 +133,16 @@ class Engine:
             groups[m.adapters.config if shared else m.key].append(i)  # type: ignore[union-attr]
         out: list[Prediction | None] = [None] * len(texts)
         for key, rows in groups.items():
-            for chunk in self._chunks(rows, models) if isinstance(key, AdapterConfig) else [rows]:
+            for chunk in self._chunks(rows, models, self.capacity(key)) if isinstance(key, AdapterConfig) else [rows]:
                 self._run(chunk, ids, models, top_k, out)
         return [p for p in out if p is not None]
 
-    def _chunks(self, rows: list[int], models: list[TenantModel]) -> list[list[int]]:
+    def _chunks(self, rows: list[int], models: list[TenantModel], capacity: int) -> list[list[int]]:
         """Split rows so no chunk needs more distinct tenants than the bank has slots."""
         chunks: list[list[int]] = [[]]
         seen: set[str] = set()
         for i in rows:
-            if models[i].key not in seen and len(seen) == self.bank_slots:
+            if models[i].key not in seen and len(seen) == capacity:
                 chunks.append([])
                 seen = set()
             seen.add(models[i].key)

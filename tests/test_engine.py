@@ -96,3 +96,17 @@ def test_top_k_and_out_of_scope_flag(tiny: Backbone) -> None:
     [pred] = Engine(tiny).predict(["pay my bill"], [model], top_k=99)
     assert len(pred.labels) == 4 and not pred.out_of_scope
     assert pred.to_dict()["labels"][0].keys() == {"label", "score"}
+
+
+def test_bank_bounded_by_bytes(tiny: Backbone) -> None:
+    tenants = [random_tenant(tiny, seed=s) for s in range(7)]
+    config = tenants[0].adapters.config
+    probe = Engine(tiny)
+    engine = Engine(tiny, bank_slots=64, bank_bytes=3 * probe.slot_bytes(config) + 1)
+    assert engine.capacity(config) == 3
+    texts = texts_for(21, seed=3)
+    models = [tenants[i % 7] for i in range(21)]
+    for text, model, pred in zip(texts, models, engine.predict(texts, models, top_k=3)):
+        assert pred.labels[0][0] == alone(tiny, model, text)[0][0]
+    bank = next(iter(engine.banks.values()))
+    assert bank.bank.capacity == 3 and bank.bank.bytes_per_slot == probe.slot_bytes(config)
