@@ -1,28 +1,37 @@
 """`adistill demo`: the main job on embedded defaults (packaged all-MiniLM-L6-v2 + CLINC150 tenants).
 
-Teachers (earlier tenants) are trained on their full data; a new few-shot tenant is then trained with
-`adapter`, `fusion` and `distill`; the demo reports accuracy, size and inference speed, and a few answers.
-Output goes through `echo` (the CLI passes one that writes to the terminal).
+1. Onboard earlier tenants (CLINC domains, full data) with Ray Train into a local registry.
+2. Onboard a new few-shot tenant with `distill`; the same tenant with `adapter` and `fusion` are onboarded beside
+   it (as `<id>-adapter`, `<id>-fusion`) for comparison. Teachers are the adapters already in the registry.
+3. Report accuracy, size and inference speed per method.
+4. Serve every tenant with Ray Serve, send real HTTP requests for two tenants, print the answers, shut down.
+
+Everything goes through the same manifests, registry and Serve application a platform uses; output goes through
+`echo` (the CLI passes one that writes to the terminal). A re-run skips tenants already published.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
-from adistill.artifacts import load_artifact, save_artifact
 from adistill.backbone import Backbone, load_backbone
-from adistill.config import RecipeConfig, TrainConfig
 from adistill.datasets import clinc150
 from adistill.encoder import encode
 from adistill.engine import Engine
-from adistill.jobs import TenantJob, run_job
 from adistill.model import TenantModel
+from adistill.registry import Registry
+
+Echo = Callable[[str], object]
 
 
 @dataclass(frozen=True)
@@ -39,82 +48,113 @@ class DemoPlan:
             return cls(("banking", "credit_cards"), "auto_and_commute", 5, 1, 6)
         return cls(("banking", "credit_cards", "travel", "utility", "work"), "auto_and_commute", 5, 3, 30)
 
+    @property
+    def new_id(self) -> str:
+        return self.new_tenant.replace("_", "-")
 
-QUERIES = ["how much air is in my tires", "when is my car due for an oil change", "tell me a joke about cats"]
+
+QUERIES = {
+    "auto-and-commute": ["how much air is in my tires", "when is my car due for an oil change", "tell me a joke"],
+    "banking": ["what's my checking account balance", "i need to report fraud on my account"],
+}
 
 
-def run_demo(out: Path, quick: bool = False, echo: Callable[[str], object] = lambda s: None) -> dict[str, object]:
+def write_manifests(plan: DemoPlan, out: Path) -> tuple[Path, Path]:
+    """The two batches as tenants manifests (docs/onboarding.md), with their recipes inline."""
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_recipe = {"stage1": {"epochs": plan.teacher_epochs, "patience": 2}}
+    new_recipe = {"stage1": {"epochs": plan.epochs, "patience": 8}, "stage2": {"epochs": plan.epochs, "patience": 8}}
+    teachers = {
+        "defaults": {"method": "adapter", "config": teacher_recipe},
+        "tenants": [{"id": d.replace("_", "-"), "data": clinc150.tenant_path(d)} for d in plan.teachers],
+    }
+    data = clinc150.tenant_path(plan.new_tenant)
+    new = {
+        "defaults": {"shots": plan.shots, "config": new_recipe},
+        "tenants": [
+            {"id": plan.new_id, "data": data, "method": "distill"},
+            {"id": f"{plan.new_id}-adapter", "data": data, "method": "adapter"},
+            {"id": f"{plan.new_id}-fusion", "data": data, "method": "fusion"},
+        ],
+    }
+    paths = out / "teachers.yaml", out / "new-tenant.yaml"
+    for path, manifest in zip(paths, (teachers, new)):
+        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return paths
+
+
+def run_demo(out: Path, quick: bool = False, echo: Echo = lambda s: None, port: int | None = None) -> dict[str, Any]:
+    import ray
+
+    from adistill.manifest import load_manifest
+    from adistill.onboard import OnboardEvent, OnboardOptions, onboard_manifest, summary_table
+
     plan = DemoPlan.default(quick)
     started = time.perf_counter()
     backbone = load_backbone()
     echo(f"backbone {backbone.name}: {backbone.num_parameters / 1e6:.1f}M parameters, frozen and shared")
-    teacher_dirs = [_teacher(backbone, d, out / "teachers", plan.teacher_epochs, echo) for d in plan.teachers]
-    teachers = [load_artifact(p, backbone).as_teacher() for p in teacher_dirs]
+    registry = Registry(str(out / "registry"))
+    teachers_yaml, new_yaml = write_manifests(plan, out)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)
+    options = OnboardOptions(max_concurrent=2, storage_path=str((out / "runs").resolve()))
 
-    rows, models = [], {}
-    for method in ("adapter", "fusion", "distill"):
-        cfg = RecipeConfig(
-            method=method,
-            shots=plan.shots,
-            stage1=TrainConfig(epochs=plan.epochs, lr=1e-3, patience=8),
-            stage2=TrainConfig(epochs=plan.epochs, lr=5e-4, patience=8),
-        )
-        job = TenantJob(plan.new_tenant.replace("_", "-"), clinc150.tenant_path(plan.new_tenant), cfg)
-        t0 = time.perf_counter()
-        files, result = run_job(job, backbone, teachers)
-        path = save_artifact(files, out / "tenants" / f"{job.tenant_id}-{method}")
-        meta = json.loads(files["adapter_config.json"])
-        models[method] = result.model
-        rows.append(
-            {
-                "method": method,
-                "test_accuracy": round(100 * result.metrics["test"]["accuracy"], 2),
-                "added_params_pct": meta["parameters"]["percent_of_backbone"],
-                "artifact_bytes": sum(len(b) for b in files.values()),
-                "train_seconds": round(time.perf_counter() - t0, 1),
-                "artifact": str(path),
-            }
-        )
-        echo(f"trained {job.tenant_id} with {method}: test accuracy {rows[-1]['test_accuracy']}%")
+    def progress(event: OnboardEvent) -> None:
+        if event.status in ("published", "skipped", "failed"):
+            echo(f"  {event.tenant_id}: {event.status}")
 
-    speed = _throughput(backbone, models)
-    for row in rows:
-        row["seq_per_s"] = round(speed[str(row["method"])], 1)
-        row["ratio_to_bare"] = round(speed[str(row["method"])] / speed["bare"], 3)
-    echo("")
-    echo(f"new tenant {plan.new_tenant!r}, {plan.shots} shots per intent, {len(teachers)} teachers")
-    echo(_table(rows, speed["bare"]))
-    echo("")
-    engine = Engine(backbone)
-    distilled = models["distill"]
-    for text, pred in zip(QUERIES, engine.predict(QUERIES, [distilled] * len(QUERIES), top_k=2)):
-        echo(json.dumps({"text": text, **pred.to_dict()}))
+    outcomes = []
+    for path in (teachers_yaml, new_yaml):
+        echo(f"\n$ adistill onboard {path} --registry {registry.uri}   (Ray Train, 2 tenants at a time)")
+        batch = onboard_manifest(load_manifest(path), registry, options=options, on_event=progress)
+        echo(summary_table(batch))
+        outcomes += batch
+    failed = [o.tenant_id for o in outcomes if o.status == "failed"]
+    if failed:
+        raise RuntimeError(f"demo: onboarding failed for {failed}")
+
+    rows = _comparison(backbone, registry, plan, echo)
+    answers = _serve_and_ask(registry, echo, port)
     report = {
         "plan": plan.__dict__,
         "rows": rows,
-        "bare_seq_per_s": speed["bare"],
+        "answers": answers,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "demo-report.json").write_text(json.dumps(report, indent=2) + "\n")
-    echo(f"\ndone in {report['seconds']} s; artifacts and demo-report.json under {out}/")
+    echo(f"\ndone in {report['seconds']} s; registry, manifests and demo-report.json under {out}/")
+    ray.shutdown()
     return report
 
 
-def _teacher(backbone: Backbone, domain: str, root: Path, epochs: int, echo: Callable[[str], object]) -> Path:
-    path = root / domain.replace("_", "-")
-    if (path / "adapter_config.json").exists():
-        return path
-    cfg = RecipeConfig(method="adapter", stage1=TrainConfig(epochs=epochs, lr=1e-3, patience=2))
-    files, result = run_job(TenantJob(domain.replace("_", "-"), clinc150.tenant_path(domain), cfg), backbone, [])
-    save_artifact(files, path)
-    echo(f"teacher {domain}: validation accuracy {100 * result.metrics['validation']['accuracy']:.1f}%")
-    return path
+def _comparison(backbone: Backbone, registry: Registry, plan: DemoPlan, echo: Echo) -> list[dict[str, Any]]:
+    """Accuracy (from each artifact's metadata), size and engine throughput of the three methods."""
+    ids = {"adapter": f"{plan.new_id}-adapter", "fusion": f"{plan.new_id}-fusion", "distill": plan.new_id}
+    artifacts = {m: registry.get(t, backbone) for m, t in ids.items()}
+    speed = _throughput(backbone, {m: a.model for m, a in artifacts.items()})
+    rows = []
+    for method, art in artifacts.items():
+        meta = art.meta
+        rows.append(
+            {
+                "method": method,
+                "tenant": ids[method],
+                "test_accuracy": round(100 * meta["metrics"]["test"]["accuracy"], 2),
+                "added_params_pct": meta["parameters"]["percent_of_backbone"],
+                "artifact_bytes": sum(f["bytes"] for f in meta["files"].values()),
+                "seq_per_s": round(speed[method], 1),
+                "ratio_to_bare": round(speed[method] / speed["bare"], 3),
+            }
+        )
+    echo(f"\nnew tenant {plan.new_id!r}: {plan.shots} shots per intent, {len(plan.teachers)} teachers")
+    echo(_table(rows, speed["bare"]))
+    return rows
 
 
 @torch.no_grad()
 def _throughput(backbone: Backbone, models: dict[str, TenantModel], repeats: int = 5) -> dict[str, float]:
-    """Sequences/s of one batch of 32 queries: bare encoder and each method's model (same batch)."""
-    texts = (QUERIES * 11)[:32]
+    """Sequences/s of one batch of 32 queries: bare encoder and each method's model (same batch, one run)."""
+    texts = (QUERIES["auto-and-commute"] * 11)[:32]
     batch = backbone.tokenize(texts, 32)
     engine = Engine(backbone)
 
@@ -131,7 +171,7 @@ def _throughput(backbone: Backbone, models: dict[str, TenantModel], repeats: int
     return out
 
 
-def _table(rows: list[dict[str, object]], bare: float) -> str:
+def _table(rows: list[dict[str, Any]], bare: float) -> str:
     lines = [
         "| method  | test acc % | added params % | artifact bytes | seq/s | × bare |",
         "|---------|-----------:|---------------:|---------------:|------:|-------:|",
@@ -143,3 +183,37 @@ def _table(rows: list[dict[str, object]], bare: float) -> str:
             f"| {r['seq_per_s']:>5.0f} | {r['ratio_to_bare']:>6.2f} |"
         )
     return "\n".join(lines)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve_and_ask(registry: Registry, echo: Echo, port: int | None) -> list[dict[str, Any]]:
+    """Start the Serve application on this registry, ask two tenants over HTTP, shut the service down."""
+    from ray import serve
+
+    from adistill.serve import APP_NAME, ServeConfig, build
+
+    port = port or _free_port()
+    config = ServeConfig(registry=registry.uri, max_batch_size=16, ray_actor_options={"num_cpus": 0.5})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    answers = []
+    try:
+        serve.run(build(config), name=APP_NAME, route_prefix="/")
+        echo(f"\nserving every tenant at http://127.0.0.1:{port} (Ray Serve, one backbone replica group)")
+        for tenant, texts in QUERIES.items():
+            url = f"http://127.0.0.1:{port}/v1/tenants/{tenant}/predict"
+            body = json.dumps({"texts": texts, "top_k": 2}).encode()
+            echo(f"$ curl -s -X POST {url} -d '{body.decode()}'")
+            req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                answer = json.loads(resp.read())
+            echo(json.dumps(answer))
+            answers.append(answer)
+    finally:
+        serve.shutdown()
+    echo("service shut down")
+    return answers

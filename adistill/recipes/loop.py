@@ -40,14 +40,17 @@ def fit(
     seed: int,
     progress: Progress | None = None,
 ) -> FitResult:
-    """Train the trainable parameters of `modules`, restore the weights of the best validation epoch."""
+    """Train the trainable parameters of `modules`, restore the weights of the best validation epoch.
+
+    Only trained epochs compete (as in the method's reference set-up): stage 2 returns its best stage-2 epoch,
+    not the stage-1 weights it started from."""
     params = [p for p in modules.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{stage}: nothing to train")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     best_state = copy.deepcopy(modules.state_dict())
-    best_acc, best_epoch, steps, history = validate(), 0, 0, []
+    best_acc, best_epoch, steps, history = -1.0, 0, 0, []
     start = time.perf_counter()
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
