@@ -89,8 +89,11 @@ def artifact_files(
     cfg: RecipeConfig,
     data: dict[str, Any],
     version: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, bytes]:
-    """Serialise a trained tenant. Only the inference path is saved: no training-only fusion or teachers."""
+    """Serialise a trained tenant. Only the inference path is saved: no training-only fusion or teachers.
+
+    `extra` adds top-level metadata (e.g. `teacher_selection`, how the teachers were chosen)."""
     validate_tenant_id(tenant_id)
     model = result.model
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -136,6 +139,7 @@ def artifact_files(
             "stored": sum(t.numel() for t in tensors.values()),
         },
         "files": {WEIGHTS: {"sha256": sha256(weights), "bytes": len(weights)}},
+        **(extra or {}),
     }
     return {WEIGHTS: weights, CONFIG: (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()}
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from adistill.config import METHODS, RecipeConfig, TrainConfig
+from adistill.config import METHODS, TEACHER_STRATEGIES, RecipeConfig, TrainConfig
 from adistill.errors import AdistillError, ConfigError
 
 log = logging.getLogger("adistill")
@@ -396,6 +396,7 @@ def cmd_onboard(args: argparse.Namespace) -> int:
 
     from adistill.onboard import OnboardOptions, onboard_manifest, summary_table
     from adistill.registry import Registry
+    from adistill.teachers import SelectionConfig
 
     storage_options = parse_storage_options(args.storage_option)
     options = OnboardOptions(
@@ -405,6 +406,7 @@ def cmd_onboard(args: argparse.Namespace) -> int:
         storage_path=args.storage_path,
         storage_options=storage_options,
         max_failures=args.max_failures,
+        teacher_selection=SelectionConfig(args.teacher_select, args.teacher_k, args.teacher_max_all),
     )
     registry = Registry(args.registry, storage_options)
     recipe = RecipeConfig.from_yaml(args.config) if args.config else RecipeConfig()
@@ -582,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: the job's or a new one")
     p.add_argument("--storage-path", default=None, help="run checkpoints: folder or s3:// (default ~/ray_results)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed worker (default 2)")
+    p.add_argument("--teacher-select", choices=TEACHER_STRATEGIES, default="similar", help="how teachers are chosen")
+    p.add_argument("--teacher-k", type=int, default=10, help="at most this many teachers per tenant (default 10)")
+    p.add_argument("--teacher-max-all", type=int, default=32, help="'all' is refused above this many teachers")
     p.add_argument("--json", default=None, help="also write the outcomes to this file")
     common(p)
     p.set_defaults(func=cmd_onboard)

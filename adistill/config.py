@@ -16,6 +16,7 @@ AdapterKind = Literal["seq_bn", "houlsby"]
 Pooling = Literal["mean", "cls"]
 Method = Literal["adapter", "distill", "fusion", "finetune"]
 METHODS: tuple[str, ...] = get_args(Method)
+TEACHER_STRATEGIES = ("all", "random", "similar", "probe")  # adistill.teachers
 
 # Where each adapter kind puts a bottleneck inside a transformer layer.
 ADAPTER_SITES: dict[str, tuple[str, ...]] = {"seq_bn": ("ffn",), "houlsby": ("attn", "ffn")}

@@ -42,6 +42,7 @@ from adistill.errors import AdistillError, ConfigError
 from adistill.jobs import TenantJob, data_record, load_job_data
 from adistill.manifest import Manifest, TenantSpec
 from adistill.registry import Registry
+from adistill.teachers import Candidate, SelectionConfig, data_embedding, make_probe, select_teachers
 from adistill.tenant_id import validate_tenant_id
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class OnboardOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_failures: int = 2
     poll_seconds: float = 0.5
+    teacher_selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
@@ -130,6 +132,7 @@ class TenantPlan:
     job: TenantJob
     teachers: tuple[tuple[str, int], ...]
     run_name: str
+    selection: dict[str, Any] | None = None  # how the teachers were chosen (recorded in the artifact)
 
 
 # ------------------------------------------------------------------------------------------------------ driver
@@ -224,8 +227,10 @@ def plan_batch(
     method: str | None,
     storage_options: dict[str, Any],
     emit: EventSink,
+    selection: SelectionConfig | None = None,
 ) -> tuple[list[TenantPlan], list[TenantOutcome]]:
-    """Teachers snapshot (taken once, at the start), skip check, run names. Nothing is trained here."""
+    """Teachers snapshot (taken once, at the start), skip check, teacher selection, run names. Nothing is trained
+    here."""
     if method is not None and method not in METHODS:
         raise ConfigError(f"method must be one of {list(METHODS)}, got {method!r}")
     ids = [t.id for t in manifest.tenants]
@@ -251,8 +256,45 @@ def plan_batch(
             skipped.append(outcome)
             emit(OnboardEvent(job.tenant_id, "skipped", {"version": version, "reason": "same data and config"}))
             continue
-        plans.append(TenantPlan(job, used, run_name(job, backbone.fingerprint, used)))
+        chosen: dict[str, Any] | None = None
+        if used:
+            used, chosen = choose_teachers(
+                job, used, registry, backbone, selection or SelectionConfig(), storage_options
+            )
+            emit(OnboardEvent(job.tenant_id, "teachers", chosen))
+        plans.append(TenantPlan(job, used, run_name(job, backbone.fingerprint, used), chosen))
     return plans, skipped
+
+
+def choose_teachers(
+    job: TenantJob,
+    teachers: tuple[tuple[str, int], ...],
+    registry: Registry,
+    backbone: Backbone,
+    cfg: SelectionConfig,
+    storage_options: dict[str, Any],
+) -> tuple[tuple[tuple[str, int], ...], dict[str, Any]]:
+    """At most `cfg.k` of the published `teachers` for this tenant (adistill.teachers), ranked on metadata."""
+    import torch
+
+    candidates = []
+    for tenant, version in teachers:
+        try:
+            candidates.append(Candidate(tenant, version, registry.meta(tenant, version)))
+        except AdistillError as exc:
+            log.warning("teacher candidate %s v%s skipped: %s", tenant, version, exc)
+    embedding, probe = None, None
+    if cfg.strategy in ("similar", "probe"):
+        data = load_job_data(job, storage_options)
+        embedding = torch.tensor(data_embedding(backbone, data.train.texts, job.config.max_length))
+        if cfg.strategy == "probe":
+
+            def load(c: Candidate) -> Any:
+                return registry.get(c.tenant_id, backbone, c.version).as_teacher().adapters
+
+            probe = make_probe(backbone, data.train.texts, data.train.labels, load, job.config.max_length)
+    chosen = select_teachers(candidates, cfg, job.tenant_id, embedding, probe)
+    return tuple((c.tenant_id, int(c.version or 0)) for c in chosen.chosen), chosen.lineage()
 
 
 def onboard_manifest(
@@ -274,7 +316,9 @@ def onboard_manifest(
     emit = on_event or (lambda event: None)
     # The driver needs the backbone's fingerprint (teachers, skip check, run names); workers load their own copy.
     backbone = load_backbone(options.backbone, "cpu", options.storage_options)
-    plans, skipped = plan_batch(manifest, registry, backbone, base_config, method, options.storage_options, emit)
+    plans, skipped = plan_batch(
+        manifest, registry, backbone, base_config, method, options.storage_options, emit, options.teacher_selection
+    )
     outcomes = {o.tenant_id: o for o in skipped}
     if plans:
         for o in _run_plans(plans, registry, backbone, options, emit):
@@ -377,6 +421,7 @@ def _fit(
         storage_options=registry.storage_options,
         data_storage_options=options.storage_options,
         teachers=[list(t) for t in plan.teachers],
+        selection=plan.selection,
     )
     trainer = TorchTrainer(
         _worker_main,
@@ -467,6 +512,7 @@ class WorkerSpec:
     storage_options: dict[str, Any]
     data_storage_options: dict[str, Any]
     teachers: list[list[Any]]
+    selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -531,7 +577,8 @@ def train_tenant_in_worker(spec: WorkerSpec, tell: Callable[..., None]) -> None:
         )
 
     result = train_resumable(backbone, data, cfg, teachers, spec.tenant_id, saved, state, on_stage1, progress)
-    files = artifact_files(spec.tenant_id, result, backbone, cfg, data_record(job, data, backbone))
+    extra = {"teacher_selection": spec.selection} if spec.selection else None
+    files = artifact_files(spec.tenant_id, result, backbone, cfg, data_record(job, data, backbone), extra=extra)
     tell("trained", accuracy=_accuracy(json.loads(files[CONFIG])))
     _report_checkpoint({"stage": "done", "data_fingerprint": data.fingerprint()}, files, {"stage": "done"})
 

@@ -25,13 +25,14 @@ from typing import Any, Literal
 import torch
 
 from adistill.backbone import Backbone
+from adistill.config import TEACHER_STRATEGIES
 from adistill.errors import ConfigError
 from adistill.model import Encoded
 
 log = logging.getLogger(__name__)
 
 Strategy = Literal["all", "random", "similar", "probe"]
-STRATEGIES: tuple[str, ...] = ("all", "random", "similar", "probe")
+STRATEGIES: tuple[str, ...] = TEACHER_STRATEGIES
 
 
 @dataclass(frozen=True)

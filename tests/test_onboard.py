@@ -125,6 +125,8 @@ def test_onboard_to_s3_then_teachers_bad_tenant_and_skip(
         lineage = sorted((t["tenant_id"], t["version"], t["sha256"]) for t in meta["teachers"])
         assert lineage == sorted((n, 1, registry.get(n, tiny, 1).sha256) for n in first)
         assert meta["method"] == "distill" and "stage2" in meta["metrics"]["seconds"]
+        assert meta["teacher_selection"]["strategy"] == "similar"  # the default selector, k = 10 >= 3 candidates
+        assert sorted(meta["teacher_selection"]["chosen"]) == sorted(first)
         assert registry.get(tenant, tiny).model.adapters is not None
     assert {n: registry.get_files(n) for n in first} == before  # the teachers' bytes are unchanged
 

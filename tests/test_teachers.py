@@ -99,3 +99,26 @@ def test_probe_selection_on_real_adapters_skips_a_corrupt_candidate(
     assert set(sel.scores) == {"bank", "travel"} and all(0 <= s <= 1 for s in sel.scores.values())
     with pytest.raises(CorruptArtifact):
         load(candidates[2])
+
+
+def test_onboarding_driver_chooses_k_teachers_from_registry_metadata(
+    tiny: Backbone, tenants_dir: Path, tmp_path: Path
+) -> None:
+    from adistill.onboard import choose_teachers
+    from adistill.registry import Registry
+
+    registry = Registry(str(tmp_path / "registry"))
+    for name in ("bank", "travel", "home"):
+        job = TenantJob(name, str(tenants_dir / f"{name}.parquet"), fast_config("adapter", epochs=1))
+        data = read_tenant_data(job.data)
+        result = train_tenant(tiny, data, job.config)
+        registry.publish(name, artifact_files(name, result, tiny, job.config, data_record(job, data, tiny)))
+    published = tuple(registry.teachers(tiny.fingerprint))
+    job = TenantJob("new", str(tenants_dir / "new.parquet"), fast_config("distill"))
+    chosen, lineage = choose_teachers(job, published, registry, tiny, SelectionConfig("similar", k=2), {})
+    assert len(chosen) == 2 and all(v == 1 for _, v in chosen)
+    assert lineage["strategy"] == "similar" and lineage["considered"] == 3 and len(lineage["scores"]) == 2
+    chosen_probe, lineage_probe = choose_teachers(job, published, registry, tiny, SelectionConfig("probe", k=1), {})
+    assert len(chosen_probe) == 1 and lineage_probe["strategy"] == "probe"
+    with pytest.raises(ConfigError, match="above the cap"):
+        choose_teachers(job, published, registry, tiny, SelectionConfig("all", max_all=2), {})
