@@ -38,7 +38,7 @@ import fsspec
 from adistill.artifacts import CONFIG, WEIGHTS, artifact_files, artifact_from_files, parse_meta, verify_files
 from adistill.backbone import Backbone, load_backbone
 from adistill.config import METHODS, RecipeConfig
-from adistill.errors import AdistillError, ConfigError
+from adistill.errors import AdistillError, ConfigError, DataError
 from adistill.jobs import TenantJob, data_record, load_job_data
 from adistill.manifest import Manifest, TenantSpec
 from adistill.registry import Registry
@@ -285,7 +285,11 @@ def choose_teachers(
             log.warning("teacher candidate %s v%s skipped: %s", tenant, version, exc)
     embedding, probe = None, None
     if cfg.strategy in ("similar", "probe"):
-        data = load_job_data(job, storage_options)
+        try:
+            data = load_job_data(job, storage_options)
+        except DataError as exc:  # the tenant fails in its worker with this error; it must not stop the batch
+            log.warning("%s: teachers not ranked, its data is unusable: %s", job.tenant_id, exc)
+            return teachers, {"strategy": cfg.strategy, "k": cfg.k, "skipped": "data unusable"}
         embedding = torch.tensor(data_embedding(backbone, data.train.texts, job.config.max_length))
         if cfg.strategy == "probe":
 
