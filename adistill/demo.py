@@ -13,6 +13,7 @@ Everything goes through the same manifests, registry and Serve application a pla
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import urllib.request
@@ -198,6 +199,7 @@ def _serve_and_ask(registry: Registry, echo: Echo, port: int | None) -> list[dic
     from adistill.serve import APP_NAME, ServeConfig, build
 
     port = port or _free_port()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo prints its own lines
     config = ServeConfig(registry=registry.uri, max_batch_size=16, ray_actor_options={"num_cpus": 0.5})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     answers = []

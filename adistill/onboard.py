@@ -622,51 +622,7 @@ def train_resumable(
         )
         if cfg.method != "adapter":  # `adapter` ends here: nothing to resume into
             on_stage1(files, dict(fit1.__dict__))
-    return _finish(backbone, data, cfg, teachers, stage1, fit1, progress)
-
-
-def _finish(
-    backbone: Backbone,
-    data: Any,
-    cfg: RecipeConfig,
-    teachers: list[Any],
-    stage1: Any,
-    fit1: Any,
-    progress: Callable[[dict[str, object]], None] | None,
-) -> Any:
-    """Stage 2 (or the fusion baseline) after stage 1, then calibration and metrics as `train_tenant` does."""
-    from adistill.errors import ConfigError as _ConfigError
-    from adistill.recipes.baselines import train_fusion
-    from adistill.recipes.evaluate import calibrate, evaluate
-    from adistill.recipes.stage2 import distill
-    from adistill.recipes.train import TrainResult
-
-    for t in teachers:
-        if t.adapters.config != cfg.adapter:
-            raise _ConfigError(
-                f"teacher {t.tenant_id!r} has adapter {t.adapters.config}, the new tenant uses {cfg.adapter}; "
-                "teachers must share the adapter shape"
-            )
-    stages = {"stage1": fit1}
-    adapters = [t.adapters for t in teachers]
-    model = stage1
-    if cfg.method == "fusion":
-        if not teachers:
-            raise _ConfigError("method 'fusion' needs at least one teacher")
-        model, stages["fusion"] = train_fusion(backbone, data, cfg, stage1, adapters, progress)
-    elif cfg.method == "distill":
-        model, stages["stage2"] = distill(backbone, data, cfg, stage1, adapters, progress)
-    model.max_length = cfg.max_length
-    model.oos_threshold = calibrate(backbone, model, data.validation, cfg.max_length)
-    metrics: dict[str, Any] = {
-        "validation": evaluate(backbone, model, data.validation, cfg.max_length),
-        "train_examples": len(data.train),
-        "seconds": {name: round(r.seconds, 2) for name, r in stages.items()},
-        "best_epoch": {name: r.best_epoch for name, r in stages.items()},
-    }
-    if len(data.test):
-        metrics["test"] = evaluate(backbone, model, data.test, cfg.max_length)
-    return TrainResult(model, metrics, stages, list(teachers if cfg.method in ("distill", "fusion") else []))
+    return train_tenant(backbone, data, cfg, teachers, progress, stage1=(stage1, fit1))
 
 
 def _read_checkpoint(checkpoint: Any) -> tuple[dict[str, Any], dict[str, bytes]]:

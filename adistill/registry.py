@@ -406,7 +406,10 @@ class Registry:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
         if not isinstance(uri, str) or not uri.strip():
             raise ConfigError(f"registry URI must be a non-empty string, got {uri!r}")
-        self.uri = uri.rstrip("/") or uri
+        uri = uri.rstrip("/") or uri
+        if "://" not in uri:  # a local folder: absolute, so Ray workers (other working directories) see the same one
+            uri = os.path.abspath(os.path.expanduser(uri))
+        self.uri = uri
         self.storage_options = dict(storage_options or {})
         self._store = _open_store(self.uri, self.storage_options)
 

@@ -435,3 +435,10 @@ def test_other_fsspec_stores_work_with_check_then_write(tiny: Backbone, arts: di
     assert reg.latest_version("bank") == 1
     reg.delete("bank")
     assert reg.tenants() == []
+
+
+def test_a_relative_local_registry_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray workers run in other working directories: a relative folder must mean the same folder for them."""
+    monkeypatch.chdir(tmp_path)
+    assert Registry("reg").uri == str(tmp_path / "reg")
+    assert Registry("./reg/").uri == str(tmp_path / "reg")

@@ -48,8 +48,11 @@ def train_tenant(
     cfg: RecipeConfig,
     teachers: list[Teacher] | tuple[Teacher, ...] = (),
     progress: Progress | None = None,
+    stage1: tuple[TenantModel, FitResult] | None = None,
 ) -> TrainResult:
-    """Train one tenant with `cfg.method`; teachers are used by `distill` and `fusion` only."""
+    """Train one tenant with `cfg.method`; teachers are used by `distill` and `fusion` only.
+
+    `stage1` (a trained stage-1 model and its fit) skips stage 1: onboarding resumes from its checkpoint."""
     teachers = list(teachers) if cfg.method in ("distill", "fusion") else []
     for t in teachers:
         if t.adapters.config != cfg.adapter:
@@ -63,7 +66,7 @@ def train_tenant(
     if cfg.method == "finetune":
         model, stages["finetune"] = train_finetune(backbone, data, cfg, progress)
     else:
-        model, stages["stage1"] = train_adapter(backbone, data, cfg, progress)
+        model, stages["stage1"] = stage1 if stage1 is not None else train_adapter(backbone, data, cfg, progress)
         adapters = [t.adapters for t in teachers]
         if cfg.method == "fusion":
             model, stages["fusion"] = train_fusion(backbone, data, cfg, model, adapters, progress)
