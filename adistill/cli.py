@@ -33,6 +33,14 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
+def parse_resources(value: str | None, flag: str) -> Any:
+    """A JSON resources flag such as '{"CPU": 1, "GPU": 0.25}' (None when not given)."""
+    try:
+        return json.loads(value) if value else None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f'{flag} must be JSON like \'{{"CPU": 1, "GPU": 0.25}}\': {exc}') from exc
+
+
 def recipe_from_args(args: argparse.Namespace) -> RecipeConfig:
     cfg = RecipeConfig.from_yaml(args.config) if getattr(args, "config", None) else RecipeConfig()
     changes: dict[str, Any] = {}
@@ -388,10 +396,7 @@ def cmd_onboard(args: argparse.Namespace) -> int:
     from adistill.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)  # every manifest error is raised here, before Ray or any training
-    try:
-        resources = json.loads(args.resources_per_tenant) if args.resources_per_tenant else None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f'--resources-per-tenant must be JSON like \'{{"CPU": 1, "GPU": 0.25}}\': {exc}') from exc
+    resources = parse_resources(args.resources_per_tenant, "--resources-per-tenant")
     import ray
 
     from adistill.onboard import OnboardOptions, onboard_manifest, summary_table
@@ -441,10 +446,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tenant_ids = [args.tenant] if args.tenant else [t.strip() for t in args.tenants.split(",") if t.strip()]
     for tenant_id in tenant_ids:
         manifest.tenant(tenant_id)
-    try:
-        resources = json.loads(args.resources_per_worker) if args.resources_per_worker else None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--resources-per-worker must be JSON like '{{\"CPU\": 1}}': {exc}") from exc
+    resources = parse_resources(args.resources_per_worker, "--resources-per-worker")
     import ray
 
     from adistill.registry import Registry

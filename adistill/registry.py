@@ -69,6 +69,21 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _pointer(tenant_id: str, versions: dict[str, Any]) -> dict[str, Any]:
+    """The LATEST document for a set of committed versions: the highest one is the latest."""
+    latest = max(int(v) for v in versions)
+    return {
+        "format": POINTER_FORMAT,
+        "format_version": POINTER_FORMAT_VERSION,
+        "tenant_id": tenant_id,
+        "version": latest,
+        "config_sha256": versions[str(latest)]["config_sha256"],
+        "weights_sha256": versions[str(latest)]["weights_sha256"],
+        "updated_at": _now(),
+        "versions": versions,
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Stores: the few primitives the protocol needs, each with the strongest guarantee the backend offers.
 # --------------------------------------------------------------------------------------------------------------
@@ -539,17 +554,7 @@ class Registry:
         def add(pointer: dict[str, Any] | None) -> dict[str, Any]:
             versions = dict(pointer["versions"]) if pointer else {}
             versions[str(version)] = entry
-            latest = max(int(v) for v in versions)  # never moves backwards: a slower publisher only adds its entry
-            return {
-                "format": POINTER_FORMAT,
-                "format_version": POINTER_FORMAT_VERSION,
-                "tenant_id": tenant_id,
-                "version": latest,
-                "config_sha256": versions[str(latest)]["config_sha256"],
-                "weights_sha256": versions[str(latest)]["weights_sha256"],
-                "updated_at": _now(),
-                "versions": versions,
-            }
+            return _pointer(tenant_id, versions)  # latest = max: never moves backwards, a slower publisher only adds
 
         pointer = self._update_pointer(tenant_id, add)
         log.info("published %s version %d (latest is %s)", tenant_id, version, pointer["version"] if pointer else None)
@@ -593,15 +598,7 @@ class Registry:
             versions = {k: v for k, v in pointer["versions"].items() if k != str(version)}
             if not versions:
                 return None
-            latest = max(int(v) for v in versions)
-            return {
-                **pointer,
-                "version": latest,
-                "config_sha256": versions[str(latest)]["config_sha256"],
-                "weights_sha256": versions[str(latest)]["weights_sha256"],
-                "updated_at": _now(),
-                "versions": versions,
-            }
+            return _pointer(tenant_id, versions)
 
         remaining = self._update_pointer(tenant_id, remove)
         with self._storage(f"delete {self._where(tenant_id, version)}"):
