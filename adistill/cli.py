@@ -79,21 +79,55 @@ def epoch_bar(desc: str) -> Callable[[dict[str, object]], None]:
 def cmd_train(args: argparse.Namespace) -> int:
     from adistill.artifacts import load_artifact, save_artifact
     from adistill.backbone import load_backbone
-    from adistill.jobs import TenantJob, run_job
+    from adistill.jobs import TenantJob, load_job_data, run_job
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty")
     job = TenantJob(args.tenant, args.data, recipe_from_args(args))
     backbone = load_backbone(args.backbone)
-    teachers = [load_artifact(t, backbone).as_teacher() for t in args.teachers or []]
-    files, result = run_job(
-        job, backbone, teachers, parse_storage_options(args.storage_option), epoch_bar(job.tenant_id)
-    )
+    storage_options = parse_storage_options(args.storage_option)
+    data = load_job_data(job, storage_options)
+    teachers: list[Any] = []
+    extra = None
+    if args.teachers and job.config.method in ("distill", "fusion"):
+        artifacts = [load_artifact(t, backbone) for t in args.teachers]
+        teachers, lineage = teachers_for(job, data, backbone, artifacts, selection_from_args(args))
+        extra = {"teacher_selection": lineage}
+        sys.stderr.write(f"teachers ({lineage['strategy']}): {', '.join(lineage['chosen'])}\n")
+    files, result = run_job(job, backbone, teachers, storage_options, epoch_bar(job.tenant_id), extra=extra, data=data)
     save_artifact(files, out)
     summary = {"tenant_id": job.tenant_id, "method": job.config.method, "out": str(out), **result.metrics}
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
+
+
+def selection_from_args(args: argparse.Namespace) -> Any:
+    from adistill.teachers import SelectionConfig
+
+    return SelectionConfig(args.teacher_select, args.teacher_k, args.teacher_max_all, seed=args.teacher_seed)
+
+
+def teachers_for(
+    job: Any, data: Any, backbone: Any, artifacts: list[Any], cfg: Any
+) -> tuple[list[Any], dict[str, Any]]:
+    """At most `cfg.k` of the given teacher artifacts, chosen by `cfg.strategy` (adistill.teachers)."""
+    from adistill.teachers import Candidate, choose
+
+    by_id = {a.tenant_id: a for a in artifacts}
+    if len(by_id) != len(artifacts):
+        raise ConfigError("--teachers lists two artifacts of the same tenant; give one version per tenant")
+    selection = choose(
+        [Candidate(a.tenant_id, a.version, a.meta) for a in artifacts],
+        cfg,
+        job.tenant_id,
+        backbone,
+        data.train.texts,
+        data.train.labels,
+        lambda c: by_id[c.tenant_id].as_teacher().adapters,
+        job.config.max_length,
+    )
+    return [by_id[c.tenant_id].as_teacher() for c in selection.chosen], selection.lineage()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -401,7 +435,6 @@ def cmd_onboard(args: argparse.Namespace) -> int:
 
     from adistill.onboard import OnboardOptions, onboard_manifest, summary_table
     from adistill.registry import Registry
-    from adistill.teachers import SelectionConfig
 
     storage_options = parse_storage_options(args.storage_option)
     options = OnboardOptions(
@@ -411,7 +444,7 @@ def cmd_onboard(args: argparse.Namespace) -> int:
         storage_path=args.storage_path,
         storage_options=storage_options,
         max_failures=args.max_failures,
-        teacher_selection=SelectionConfig(args.teacher_select, args.teacher_k, args.teacher_max_all),
+        teacher_selection=selection_from_args(args),
     )
     registry = Registry(args.registry, storage_options)
     recipe = RecipeConfig.from_yaml(args.config) if args.config else RecipeConfig()
@@ -465,6 +498,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         resources_per_worker=resources,
         seed=args.seed,
         time_budget_s=args.time_budget_s,
+        teacher_selection=selection_from_args(args),
     )
     base = RecipeConfig.from_yaml(args.config) if args.config else RecipeConfig()
     if not ray.is_initialized():
@@ -512,12 +546,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backbone", default=None, help="HF folder, s3:// URI or all-MiniLM-L6-v2 (default)")
         p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)")
 
+    def teacher_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--teacher-select", choices=TEACHER_STRATEGIES, default="similar", help="teacher selector")
+        p.add_argument("--teacher-k", type=int, default=10, help="at most this many teachers per tenant (default 10)")
+        p.add_argument("--teacher-max-all", type=int, default=32, help="'all' is refused above this many teachers")
+        p.add_argument("--teacher-seed", type=int, default=0, help="seed of --teacher-select random (default 0)")
+
     p = sub.add_parser("train", help="train one tenant from its data into an artifact folder")
     p.add_argument("--data", required=True, help="file or folder (parquet/csv/jsonl), local or s3://")
     p.add_argument("--tenant", required=True, help="tenant id")
     p.add_argument("--out", required=True, help="artifact folder to create")
     p.add_argument("--method", choices=METHODS, default=None)
-    p.add_argument("--teachers", nargs="*", default=[], help="artifact folders of earlier tenants")
+    p.add_argument("--teachers", nargs="*", default=[], help="artifact folders of earlier tenants (candidates)")
+    teacher_args(p)
     p.add_argument("--shots", type=int, default=None, help="few-shot: training examples per label")
     p.add_argument("--epochs", type=int, default=None, help="epochs of every stage")
     p.add_argument("--seed", type=int, default=None)
@@ -586,9 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: the job's or a new one")
     p.add_argument("--storage-path", default=None, help="run checkpoints: folder or s3:// (default ~/ray_results)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a crashed worker (default 2)")
-    p.add_argument("--teacher-select", choices=TEACHER_STRATEGIES, default="similar", help="how teachers are chosen")
-    p.add_argument("--teacher-k", type=int, default=10, help="at most this many teachers per tenant (default 10)")
-    p.add_argument("--teacher-max-all", type=int, default=32, help="'all' is refused above this many teachers")
+    teacher_args(p)
     p.add_argument("--json", default=None, help="also write the outcomes to this file")
     common(p)
     p.set_defaults(func=cmd_onboard)
@@ -611,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resources-per-worker", default=None, help='JSON, e.g. \'{"CPU": 1, "GPU": 0.25}\'')
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: a local instance")
     p.add_argument("--save-config", default=None, help="best recipe YAML (default tune_spaces/results/NAME.yaml)")
+    teacher_args(p)
     p.add_argument("--json", default=None, help="also write best_config, best_metric and every trial here")
     common(p)
     p.set_defaults(func=cmd_tune)

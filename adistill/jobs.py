@@ -52,8 +52,11 @@ def run_job(
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
     version: int | None = None,
+    extra: dict[str, Any] | None = None,
+    data: TenantData | None = None,
 ) -> tuple[dict[str, bytes], TrainResult]:
-    data = load_job_data(job, storage_options)
+    """Train `job` and serialise it; `data` is read from `job.data` unless given, `extra` goes into its metadata."""
+    data = data if data is not None else load_job_data(job, storage_options)
     result = train_tenant(backbone, data, job.config, teachers, progress)
-    files = artifact_files(job.tenant_id, result, backbone, job.config, data_record(job, data, backbone), version)
-    return files, result
+    record = data_record(job, data, backbone)
+    return artifact_files(job.tenant_id, result, backbone, job.config, record, version, extra=extra), result

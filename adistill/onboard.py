@@ -27,6 +27,7 @@ import math
 import queue
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,13 +43,14 @@ from adistill.errors import AdistillError, ConfigError, DataError
 from adistill.jobs import TenantJob, data_record, load_job_data
 from adistill.manifest import Manifest, TenantSpec
 from adistill.registry import Registry
-from adistill.teachers import Candidate, SelectionConfig, data_embedding, make_probe, select_teachers
+from adistill.teachers import SelectionConfig, choose_from_registry
 from adistill.tenant_id import validate_tenant_id
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"  # in every checkpoint: {"stage": "stage1" | "done", "data_fingerprint": ...}
 STATUSES = ("published", "skipped", "failed")
+BOARD_TIMEOUT_S = 60.0  # a progress-board call slower than this counts as a lost board (progress only)
 
 
 @dataclass(frozen=True)
@@ -275,29 +277,14 @@ def choose_teachers(
     storage_options: dict[str, Any],
 ) -> tuple[tuple[tuple[str, int], ...], dict[str, Any]]:
     """At most `cfg.k` of the published `teachers` for this tenant (adistill.teachers), ranked on metadata."""
-    import torch
-
-    candidates = []
-    for tenant, version in teachers:
-        try:
-            candidates.append(Candidate(tenant, version, registry.meta(tenant, version)))
-        except AdistillError as exc:
-            log.warning("teacher candidate %s v%s skipped: %s", tenant, version, exc)
-    embedding, probe = None, None
+    data = None
     if cfg.strategy in ("similar", "probe"):
         try:
             data = load_job_data(job, storage_options)
         except DataError as exc:  # the tenant fails in its worker with this error; it must not stop the batch
             log.warning("%s: teachers not ranked, its data is unusable: %s", job.tenant_id, exc)
             return teachers, {"strategy": cfg.strategy, "k": cfg.k, "skipped": "data unusable"}
-        embedding = torch.tensor(data_embedding(backbone, data.train.texts, job.config.max_length))
-        if cfg.strategy == "probe":
-
-            def load(c: Candidate) -> Any:
-                return registry.get(c.tenant_id, backbone, c.version).as_teacher().adapters
-
-            probe = make_probe(backbone, data.train.texts, data.train.labels, load, job.config.max_length)
-    chosen = select_teachers(candidates, cfg, job.tenant_id, embedding, probe)
+    chosen = choose_from_registry(registry, teachers, job.tenant_id, backbone, cfg, data, job.config.max_length)
     return tuple((c.tenant_id, int(c.version or 0)) for c in chosen.chosen), chosen.lineage()
 
 
@@ -347,7 +334,20 @@ def _run_plans(
         if short:  # an autoscaling cluster may still grow; a fixed one never will, and the runs would wait forever
             log.warning("each tenant asks for %s but the cluster has only %s now", short, dict(cluster))
     storage_path, storage_fs = run_storage(options.storage_path, options.storage_options)
-    board: Any = ray.remote(num_cpus=0)(_Board).remote()
+    board: Any = ray.remote(num_cpus=0)(_Board).options(name=f"adistill-board-{uuid.uuid4().hex[:12]}").remote()
+    board_alive = [True]
+
+    def ask(call: Callable[[], Any], default: Any) -> Any:
+        """A board call that cannot hang or fail the batch: a lost board only loses progress lines."""
+        if not board_alive[0]:
+            return default
+        try:
+            return ray.get(call(), timeout=BOARD_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            log.warning("progress board lost (%s): tenants keep training, their progress lines stop", exc)
+            board_alive[0] = False
+            return default
+
     events: queue.Queue[OnboardEvent] = queue.Queue()
     for p in plans:
         emit(OnboardEvent(p.job.tenant_id, "queued", {"teachers": len(p.teachers), "run": p.run_name}))
@@ -361,7 +361,7 @@ def _run_plans(
         )
         try:
             result = _fit(plan, registry, backbone, options, resources, use_gpu, storage_path, storage_fs, board)
-            reported = ray.get(board.error.remote(tenant))
+            reported = ask(lambda: board.error.remote(tenant), None)
             if reported:
                 outcome.error = reported
             else:
@@ -382,7 +382,7 @@ def _run_plans(
     try:
         while True:
             done = all(f.done() for f in futures)
-            for tenant, event in ray.get(board.drain.remote()):
+            for tenant, event in ask(lambda: board.drain.remote(), []):
                 if event.get("status") != "failed":  # a tenant's final line comes from run_one
                     events.put(OnboardEvent(tenant, str(event.pop("status")), event))
             while not events.empty():
@@ -396,7 +396,8 @@ def _run_plans(
         ray.shutdown()
         raise
     pool.shutdown()
-    ray.kill(board)
+    if board_alive[0]:
+        ray.kill(board)
     return [f.result() for f in futures]
 
 
@@ -534,7 +535,10 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     board = loop_config["board"]
 
     def tell(status: str, **detail: Any) -> None:
-        ray.get(board.put.remote(spec.tenant_id, {"status": status, **detail}))
+        try:  # progress is best effort: training never waits on, or fails with, the board
+            ray.get(board.put.remote(spec.tenant_id, {"status": status, **detail}), timeout=BOARD_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            log.warning("%s: progress not delivered (%s)", spec.tenant_id, exc)
 
     try:
         train_tenant_in_worker(spec, tell)

@@ -34,6 +34,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from adistill.config import RecipeConfig
 from adistill.errors import AdistillError, ConfigError
+from adistill.teachers import SelectionConfig, choose_from_registry
 from adistill.tune_space import SearchSpace
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class TuneOptions:
     resources_per_worker: dict[str, float] | None = None
     seed: int = 0
     time_budget_s: float | None = None
+    teacher_selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def __post_init__(self) -> None:
         if self.samples is not None and (isinstance(self.samples, bool) or self.samples < 1):
@@ -132,6 +134,7 @@ class TuneOutcome:
     trials: list[TrialOutcome]
     stage1_val_accuracy: dict[str, float]
     max_epochs: int
+    teacher_selection: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def best_config(self) -> dict[str, Any]:
         """The tuned stage-2 settings, flat: temperature, alpha, beta, gamma, detach_teacher, lr, epochs, ..."""
@@ -149,6 +152,7 @@ class TuneOutcome:
             "best_recipe": self.best_recipe.to_dict(),
             "stage1_val_accuracy": self.stage1_val_accuracy,
             "max_epochs": self.max_epochs,
+            "teacher_selection": self.teacher_selection,
             "trials": [t.to_dict() for t in self.trials],
         }
 
@@ -171,6 +175,7 @@ def tune_tenants(
     """Search `space` for the manifest tenants `tenant_ids` (teachers: the registry's adapters on the backbone, the
     tuned tenants excluded); returns the best config and every trial. Connects to Ray (`ray.init()`) if needed."""
     from adistill.backbone import load_backbone
+    from adistill.jobs import TenantJob, load_job_data
 
     options = options or TuneOptions()
     base_config = base_config or RecipeConfig()
@@ -187,24 +192,33 @@ def tune_tenants(
             f"registry {registry.uri} holds no teacher adapters for backbone {backbone.name!r} "
             f"(tenants {tenant_ids} excluded): stage 2 needs at least one; onboard some tenants first"
         )
-    tenants: list[dict[str, Any]] = [
-        {
-            "id": e.id,
-            "data": _absolute(str(e.data)),
-            "recipe": space.apply(e.recipe(base_config)).to_dict(),
-        }
-        for e in entries
-    ]
+    tenants: list[dict[str, Any]] = []
+    for e in entries:  # each tuned tenant gets its own teachers, chosen as onboarding would choose them
+        recipe = space.apply(e.recipe(base_config))
+        job = TenantJob(e.id, _absolute(str(e.data)), recipe)
+        data = load_job_data(job, options.storage_options)
+        selection = choose_from_registry(
+            registry, teachers, e.id, backbone, options.teacher_selection, data, recipe.max_length
+        )
+        emit(TuneEvent("teachers", detail={"tenant": e.id, **selection.lineage()}))
+        tenants.append(
+            {
+                "id": e.id,
+                "data": job.data,
+                "recipe": recipe.to_dict(),
+                "teachers": [[c.tenant_id, int(c.version or 0)] for c in selection.chosen],
+                "teacher_selection": selection.lineage(),
+            }
+        )
     epochs = {t["id"]: t["recipe"]["stage2"]["epochs"] for t in tenants}
     if len(set(epochs.values())) > 1:  # the workers of a trial report in lockstep, one report per epoch
         raise ConfigError(f"tenants tuned together must share stage2.epochs (fix it in the space), got {epochs}")
     samples = options.samples or space.samples
     key = {
-        "tenants": [[t["id"], t["data"], t["recipe"]] for t in tenants],
+        "tenants": [[t["id"], t["data"], t["recipe"], t["teachers"]] for t in tenants],
         "space": space.to_dict(),
         "base": base_config.to_dict(),
         "backbone": backbone.fingerprint,
-        "teachers": [list(t) for t in teachers],
         "search": [options.search, options.scheduler, samples, options.seed],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -217,7 +231,6 @@ def tune_tenants(
     context = {
         "name": name,
         "tenants": [{**t, "stage1": stage1[t["id"]]["uri"]} for t in tenants],
-        "teachers": [list(t) for t in teachers],
         "backbone": options.backbone,
         "backbone_fingerprint": backbone.fingerprint,
         "registry": registry.uri,
@@ -274,6 +287,7 @@ def tune_tenants(
         trials=trials,
         stage1_val_accuracy={t: float(stage1[t]["val_accuracy"]) for t in tenant_ids},
         max_epochs=max_t,
+        teacher_selection={t["id"]: t["teacher_selection"] for t in tenants},
     )
 
 
@@ -624,7 +638,7 @@ def _trial_worker(loop_config: dict[str, Any]) -> None:
     stage1 = artifact_from_files(files, backbone, f"stage 1 of {tenant['id']!r}").model
     stage1.requires_grad_(True).train()
     registry = Registry(context["registry"], context["registry_options"])
-    teachers = [registry.get(t, backbone, int(v)).as_teacher().adapters for t, v in context["teachers"]]
+    teachers = [registry.get(t, backbone, int(v)).as_teacher().adapters for t, v in tenant["teachers"]]
 
     epochs = cfg.stage2.epochs
     group = ray.util.get_current_placement_group()

@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from adistill.backbone import Backbone
 from adistill.config import TEACHER_STRATEGIES
-from adistill.errors import ConfigError
+from adistill.errors import AdistillError, ConfigError
 from adistill.model import Encoded
+
+if TYPE_CHECKING:
+    from adistill.data import TenantData
+    from adistill.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,53 @@ def select_teachers(
     ranked = sorted((c for c in shortlist if c.tenant_id in scores), key=lambda c: (-scores[c.tenant_id], c.tenant_id))
     chosen = ranked[: cfg.k]
     return Selection("probe", cfg.k, chosen, {c.tenant_id: scores[c.tenant_id] for c in chosen}, len(pool))
+
+
+def choose(
+    candidates: list[Candidate],
+    cfg: SelectionConfig,
+    tenant_id: str | None,
+    backbone: Backbone,
+    texts: list[str],
+    labels: list[str],
+    load: Callable[[Candidate], Any],
+    max_length: int = 32,
+) -> Selection:
+    """`select_teachers` for a new tenant given its training data: computes its data embedding (`similar`,
+    `probe`) and the probe (`probe`, which loads the shortlist's adapters with `load`) only when needed."""
+    embedding, probe = None, None
+    if cfg.strategy in ("similar", "probe"):
+        if not texts:
+            raise ConfigError(f"teacher selection {cfg.strategy!r} needs the new tenant's training queries")
+        embedding = torch.tensor(data_embedding(backbone, texts, max_length))
+    if cfg.strategy == "probe":
+        probe = make_probe(backbone, texts, labels, load, max_length)
+    return select_teachers(candidates, cfg, tenant_id, embedding, probe)
+
+
+def choose_from_registry(
+    registry: Registry,
+    published: Iterable[tuple[str, int]],
+    tenant_id: str,
+    backbone: Backbone,
+    cfg: SelectionConfig,
+    data: TenantData | None,
+    max_length: int = 32,
+) -> Selection:
+    """`choose` among published (tenant id, version) pairs: ranking reads their metadata only; a candidate whose
+    metadata is unreadable is skipped with a warning. `data` (the new tenant's) may be None for `all`/`random`."""
+    candidates = []
+    for tenant, version in published:
+        try:
+            candidates.append(Candidate(tenant, version, registry.meta(tenant, version)))
+        except AdistillError as exc:
+            log.warning("teacher candidate %s v%s skipped: %s", tenant, version, exc)
+
+    def load(c: Candidate) -> Any:
+        return registry.get(c.tenant_id, backbone, c.version).as_teacher().adapters
+
+    texts, labels = (data.train.texts, data.train.labels) if data is not None else ([], [])
+    return choose(candidates, cfg, tenant_id, backbone, texts, labels, load, max_length)
 
 
 def rank_by_similarity(pool: list[Candidate], embedding: torch.Tensor) -> list[tuple[Candidate, float]]:

@@ -95,8 +95,10 @@ def markdown(report: dict) -> str:
         "",
         f"Backbone {m['backbone']} (frozen), {m['teachers']} teachers, {m['machine']}, {m['date']}.",
         f"Search: `tune_spaces/distill.yaml` with Optuna + ASHA, {m['trials_run']} trials run of {m['samples']} asked "
-        f"(time budget {m['time_budget_s']} s), {m['stage2_epochs']} stage-2 epochs per trial "
-        f"(reduced from the space's 20 for CPU time), stage 1 {m['stage1_epochs']} epochs.",
+        f"(time budget {m['time_budget_s']} s, took {m['tune_seconds']:.0f} s), {m['stage2_epochs']} stage-2 epochs "
+        f"per trial{'' if m['stage2_epochs'] == 20 else ' (reduced from the space`s 20 for CPU time)'}, "
+        f"stage 1 {m['stage1_epochs']} epochs. Test accuracy: {m.get('test_queries', 450)} in-scope test queries "
+        "(one query = 0.22 points); `-`: the trial was stopped by ASHA, its test accuracy was not measured.",
         "",
         "| recipe | validation accuracy | test accuracy |",
         "|---|---|---|",

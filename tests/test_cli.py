@@ -18,23 +18,24 @@ def test_train_evaluate_predict(
     capsys: pytest.CaptureFixture[str], tiny_path: Path, tenants_dir: Path, tmp_path: Path
 ) -> None:
     bb = ["--backbone", str(tiny_path)]
-    code, out, _ = run(
-        capsys,
-        "train",
-        "--data",
-        str(tenants_dir / "bank.parquet"),
-        "--tenant",
-        "bank",
-        "--out",
-        str(tmp_path / "bank"),
-        "--method",
-        "adapter",
-        "--epochs",
-        "2",
-        *bb,
-    )
-    assert code == 0 and json.loads(out)["tenant_id"] == "bank"
-    code, out, _ = run(
+    for name in ("bank", "home"):
+        code, out, _ = run(
+            capsys,
+            "train",
+            "--data",
+            str(tenants_dir / f"{name}.parquet"),
+            "--tenant",
+            name,
+            "--out",
+            str(tmp_path / name),
+            "--method",
+            "adapter",
+            "--epochs",
+            "2",
+            *bb,
+        )
+        assert code == 0 and json.loads(out)["tenant_id"] == name
+    code, out, err = run(
         capsys,
         "train",
         "--data",
@@ -51,11 +52,19 @@ def test_train_evaluate_predict(
         "2",
         "--teachers",
         str(tmp_path / "bank"),
+        str(tmp_path / "home"),
+        "--teacher-select",
+        "similar",
+        "--teacher-k",
+        "1",
         *bb,
     )
-    assert code == 0
+    assert code == 0, err
     meta = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
-    assert meta["teachers"][0]["tenant_id"] == "bank" and meta["data"]["train_examples"] == 20
+    selection = meta["teacher_selection"]
+    assert selection["strategy"] == "similar" and selection["considered"] == 2 and len(selection["chosen"]) == 1
+    assert [t["tenant_id"] for t in meta["teachers"]] == selection["chosen"]
+    assert meta["data"]["train_examples"] == 20
     code, out, _ = run(
         capsys,
         "evaluate",

@@ -217,6 +217,38 @@ def test_killed_driver_resumes_without_retraining_published(
     assert {n: registry.get_files(n) for n in published} == published  # and nothing retrained
 
 
+def test_a_lost_progress_board_loses_progress_lines_not_tenants(
+    ray_local: Any, tiny_path: Path, tenants_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The actor workers tell their progress to is killed as the batch starts: the tenant still trains and
+    publishes, and the driver neither hangs nor fails it."""
+    import ray
+
+    from adistill.manifest import load_manifest
+    from adistill.onboard import OnboardOptions, onboard_manifest
+
+    registry = Registry(str(tmp_path / "registry"))
+    path = manifest(tmp_path, "m.yaml", {"lonely": tenants_dir / "home.parquet"})
+    killed: list[str] = []
+
+    def kill_board(event: Any) -> None:
+        if not killed:
+            for name in ray.util.list_named_actors():
+                if name.startswith("adistill-board-"):
+                    ray.kill(ray.get_actor(name))
+                    killed.append(name)
+
+    options = OnboardOptions(backbone=str(tiny_path), storage_path=str(tmp_path / "runs"))
+    with caplog.at_level("WARNING"):
+        outcomes = onboard_manifest(
+            load_manifest(path), registry, fast_config("adapter", epochs=1), None, options, kill_board
+        )
+    assert killed, "the board actor was never found"
+    assert [(o.tenant_id, o.status, o.version) for o in outcomes] == [("lonely", "published", 1)], outcomes
+    assert "progress board lost" in caplog.text
+    assert registry.meta("lonely")["method"] == "adapter"
+
+
 def test_stage1_checkpoint_resume_matches_a_straight_run(tiny: Backbone, tenants_dir: Path) -> None:
     """The worker's resume path (stage 1 restored from its checkpoint) gives what `train_tenant` gives."""
     import torch

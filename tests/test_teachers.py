@@ -17,6 +17,7 @@ from adistill.teachers import (
     Candidate,
     SelectionConfig,
     centroid_probe_accuracy,
+    choose,
     data_embedding,
     make_probe,
     select_teachers,
@@ -122,3 +123,14 @@ def test_onboarding_driver_chooses_k_teachers_from_registry_metadata(
     assert len(chosen_probe) == 1 and lineage_probe["strategy"] == "probe"
     with pytest.raises(ConfigError, match="above the cap"):
         choose_teachers(job, published, registry, tiny, SelectionConfig("all", max_all=2), {})
+
+
+def test_choose_needs_the_new_tenants_queries_only_for_data_driven_selectors(tiny: Backbone) -> None:
+    pool = synthetic(5, dim=tiny.hidden_size)
+    with pytest.raises(ConfigError, match="training queries"):
+        choose(pool, SelectionConfig("similar", k=2), "new", tiny, [], [], lambda c: None)
+    sel = choose(pool, SelectionConfig("random", k=2, seed=1), "new", tiny, [], [], lambda c: None)
+    assert len(sel.chosen) == 2
+    texts, labels = ["pay my bill", "card declined"], ["a", "b"]
+    sel = choose(pool, SelectionConfig("similar", k=3), "new", tiny, texts, labels, lambda c: None)
+    assert len(sel.chosen) == 3 and set(sel.scores) == {c.tenant_id for c in sel.chosen}

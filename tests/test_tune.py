@@ -125,6 +125,15 @@ def tune_manifest(tenants_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return path
 
 
+def smoke_argv(manifest: Path, registry: str, tiny_path: Path, tmp_path: Path) -> list[str]:
+    """`adistill tune` for tenant `new` with the smoke space; runs, --json and --save-config under tmp_path."""
+    return [
+        *["tune", str(manifest), "--tenant", "new", "--space", str(SMOKE), "--registry", registry],
+        *["--backbone", str(tiny_path), "--storage-path", str(tmp_path / "runs")],
+        *["--json", str(tmp_path / "tune.json"), "--save-config", str(tmp_path / "best.yaml")],
+    ]
+
+
 def test_smoke_search_finds_a_best_config_inside_the_space_and_saves_a_recipe(
     ray_local: Any,
     registry_with_teachers: str,
@@ -135,22 +144,11 @@ def test_smoke_search_finds_a_best_config_inside_the_space_and_saves_a_recipe(
 ) -> None:
     out, recipe = tmp_path / "tune.json", tmp_path / "best.yaml"
     argv = [
-        "tune",
-        str(tune_manifest),
-        "--tenant",
-        "new",
-        "--space",
-        str(SMOKE),
-        "--registry",
-        registry_with_teachers,
-        "--backbone",
-        str(tiny_path),
-        "--storage-path",
-        str(tmp_path / "runs"),
-        "--json",
-        str(out),
-        "--save-config",
-        str(recipe),
+        *smoke_argv(tune_manifest, registry_with_teachers, tiny_path, tmp_path),
+        "--teacher-select",
+        "random",
+        "--teacher-k",
+        "1",
     ]
     code = main(argv)
     text = "".join(capsys.readouterr())
@@ -167,6 +165,8 @@ def test_smoke_search_finds_a_best_config_inside_the_space_and_saves_a_recipe(
     assert report["best_metric"] == max(t["val_accuracy"] for t in report["trials"])
     assert 0.0 <= report["best_metric"] <= 1.0
     assert set(report["stage1_val_accuracy"]) == {"new"}
+    selection = report["teacher_selection"]["new"]  # stage 2 of every trial used the one teacher chosen
+    assert selection["strategy"] == "random" and len(selection["chosen"]) == 1 and selection["considered"] >= 2
 
     # The saved recipe is an ordinary recipe file: train/onboard --config accept it.
     cfg = RecipeConfig.from_yaml(recipe)
@@ -232,3 +232,54 @@ def test_search_module_names_artifact_files_as_artifacts_does() -> None:
     from adistill import artifacts, search
 
     assert (search.WEIGHTS, search.CONFIG) == (artifacts.WEIGHTS, artifacts.CONFIG)
+
+
+def test_a_killed_search_resumes_and_finishes_with_every_trial(
+    ray_local: Any,
+    registry_with_teachers: str,
+    tune_manifest: Path,
+    tiny_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The driver of a search is killed once its first trial reported; the same command resumes the experiment
+    (Tuner.restore), reuses stage 1 and ends with all the asked trials."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runs = tmp_path / "runs"
+    argv = [
+        *smoke_argv(tune_manifest, registry_with_teachers, tiny_path, tmp_path),
+        *["--name", "interrupted", "--samples", "4", "--max-concurrent", "1", "--scheduler", "fifo"],
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    gcs = ray_local.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "adistill", *argv, "--address", gcs],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 480  # generous: a loaded 2-core machine starts Ray actors slowly
+        while not any(p.stat().st_size for p in (runs / "interrupted").glob("*/result.json")):
+            assert driver.poll() is None, "the search ended before any trial reported"
+            assert time.monotonic() < deadline, "no trial reported in time"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-search, its trials with it
+        driver.wait()
+    assert not (tmp_path / "tune.json").exists()
+
+    code = main(argv)
+    text = "".join(capsys.readouterr())
+    assert code == 0, text
+    assert "resuming" in text and "reused" in text  # Tuner.restore, and stage 1 read back, not retrained
+    report = json.loads((tmp_path / "tune.json").read_text())
+    assert len(report["trials"]) == 4 and all(t["status"] == "TERMINATED" for t in report["trials"])
+    assert len({t["trial_id"] for t in report["trials"]}) == 4
