@@ -298,6 +298,7 @@ def main() -> None:
     p.add_argument("--workdir", default="runs/teacher_accuracy")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--report", action="store_true", help="only write the report from the cached runs")
+    p.add_argument("--controls-only", action="store_true", help="only add the k = 0 control to cached runs")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
@@ -316,7 +317,7 @@ def main() -> None:
     for seed in args.seeds:  # seed-major: an interrupted run still covers every tenant at the first seeds
         for domain in tenants:
             cache = workdir / f"{domain}-k{args.shots}-s{seed}.json"
-            if not cache.exists() and not args.report:
+            if not cache.exists() and not (args.report or args.controls_only):
                 t0 = time.perf_counter()
                 row = run_one(backbone, pool, loaded, domain, args.shots, seed, cfg, args.val_per_label)
                 row["seconds"] = round(time.perf_counter() - t0, 1)

@@ -86,6 +86,27 @@ def test_cli_refuses_a_bad_space_before_ray(tmp_path: Path, capsys: pytest.Captu
     assert "unknown key(s) ['trails']" in err and "space.yaml" in err
 
 
+@pytest.mark.parametrize(
+    ("tenant_args", "message"),
+    [
+        (["--tenants", "new,ghost"], "no tenant 'ghost'"),
+        (["--tenant", "new", "--tenants", "new,home"], "exactly one of --tenant ID or --tenants"),
+        ([], "exactly one of --tenant ID or --tenants"),
+        (["--tenants", "new", "--teacher-k", "0"], "teacher selection k must be >= 1"),
+    ],
+)
+def test_cli_refuses_bad_tenants_and_selectors_before_ray(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tenant_args: list[str], message: str
+) -> None:
+    manifest = tmp_path / "m.yaml"
+    tenants = [{"id": t, "data": str(tmp_path)} for t in ("new", "home")]
+    manifest.write_text(yaml.safe_dump({"tenants": tenants}))
+    argv = ["tune", str(manifest), *tenant_args, "--space", str(SMOKE), "--registry", str(tmp_path / "r")]
+    code = main(argv)
+    assert code == 1 and message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_space_applies_fixed_then_values_and_checks_membership() -> None:
     space = space_from_dict(
         {
