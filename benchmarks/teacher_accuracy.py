@@ -169,7 +169,11 @@ def summarise(rows: list[dict]) -> dict:
         pairs = [(r, s) for r in rows for s in r["selections"] if (s["selector"], s["k"]) == sel]
         acc = [100 * s["test_accuracy"] for _, s in pairs]
         gain = [100 * (s["test_accuracy"] - r["adapter"]["test_accuracy"]) for r, s in pairs]
-        per_seed = [statistics.mean(100 * s["test_accuracy"] for r, s in pairs if r["seed"] == x) for x in seeds]
+        per_seed = [
+            statistics.mean(100 * s["test_accuracy"] for r, s in pairs if r["seed"] == x)
+            for x in seeds
+            if any(r["seed"] == x for r, _ in pairs)
+        ]
         cells.setdefault(sel[0], {})[str(sel[1])] = {
             "runs": len(pairs),
             "test_accuracy": statistics.mean(acc),
@@ -269,9 +273,19 @@ def chart(report: dict, path: Path) -> None:
         cells = s["cells"].get(selector, {})
         ks = sorted(int(k) for k in cells)
         ys = [cells[str(k)]["test_accuracy"] for k in ks]
+        es = [cells[str(k)]["gain_stderr"] for k in ks]
         if allk is not None and selector != "dissimilar":
-            ks, ys = ks + [int(allk[0])], ys + [allk[1]["test_accuracy"]]
-        ax.plot(ks, ys, marker=marker, label=selector, ls=":" if selector == "dissimilar" else "-")
+            ks, ys, es = ks + [int(allk[0])], ys + [allk[1]["test_accuracy"]], es + [allk[1]["gain_stderr"]]
+        shift = {"random": -0.12, "similar": 0.0, "probe": 0.12, "dissimilar": 0.06}[selector]
+        ax.errorbar(
+            [k + shift for k in ks],
+            ys,
+            yerr=es,
+            marker=marker,
+            capsize=3,
+            label=selector,
+            ls=":" if selector == "dissimilar" else "-",
+        )
     ax.axhline(s["adapter"], color="gray", ls="--", lw=1, label="adapter (stage 1 only)")
     control = s["cells"].get("none", {}).get("0")
     if control is not None:
@@ -279,8 +293,14 @@ def chart(report: dict, path: Path) -> None:
     ax.set_xticks([1, 3, 5, 9], ["1", "3", "5", "9 (all)"])
     ax.set_xlabel("teachers k")
     ax.set_ylabel("test accuracy (%), mean over runs")
-    ax.set_title(f"distill on CLINC150, {report['meta']['shots']} shots, {report['meta']['runs']} runs")
-    ax.legend(fontsize=8)
+    ax.set_title(
+        f"distill on CLINC150, {report['meta']['shots']} shots, {report['meta']['runs']} runs "
+        "(bars: ±1 s.e. of the gain over adapter)",
+        fontsize=10,
+    )
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.35 * (high - low))
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

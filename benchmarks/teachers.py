@@ -8,7 +8,7 @@ forward and backward, AdamW step) on the same batch of CLINC queries, with the f
 and the plain textbook form; each k runs in its own process so its peak RSS is its own. Part 2 (scale):
 1,000 synthetic published tenants (random adapters + metadata with a data embedding) in a local registry;
 time to rank them for a new tenant with `similar` and `random` (metadata only), and the stage-2 step at k = 10.
-Writes benchmarks/results/teachers.{json,md,png}.
+Writes benchmarks/results/teachers.{json,md,png}. Accuracy per selector and k: benchmarks/teacher_accuracy.py.
 """
 
 from __future__ import annotations
