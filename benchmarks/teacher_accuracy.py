@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+from accuracy import subsample_validation  # benchmarks/accuracy.py: the same validation subset for the same seed
 
 from adistill.artifacts import load_artifact
 from adistill.backbone import load_backbone
 from adistill.config import RecipeConfig, TrainConfig
-from adistill.data import Split, TenantData, few_shot, read_tenant_data
+from adistill.data import TenantData, few_shot, read_tenant_data
 from adistill.datasets import clinc150
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.stage1 import train_adapter
@@ -41,13 +42,6 @@ log = logging.getLogger("benchmarks.teacher_accuracy")
 SELECTORS = ("random", "similar", "probe")
 KS = (1, 3, 5)
 BAD_KS = (1, 3)
-
-
-def subsample_validation(data: TenantData, per_label: int, seed: int) -> TenantData:
-    """`per_label` in-scope validation rows per intent (seeded), as benchmarks/accuracy.py does for CPU time."""
-    inside = data.validation.in_scope()
-    picked = few_shot(TenantData(data.source, inside, inside, data.test), per_label, seed).train
-    return TenantData(data.source, data.train, Split(picked.texts, picked.labels), data.test)
 
 
 def candidates(backbone, teachers_dir: Path) -> tuple[list[Candidate], dict]:
@@ -165,7 +159,7 @@ def summarise(rows: list[dict]) -> dict:
     seeds = sorted({r["seed"] for r in rows})
     adapter = 100 * statistics.mean(r["adapter"]["test_accuracy"] for r in rows)
     cells: dict[str, dict[str, dict]] = {}
-    for sel in {(s["selector"], s["k"]) for r in rows for s in r["selections"]}:
+    for sel in sorted({(s["selector"], s["k"]) for r in rows for s in r["selections"]}):
         pairs = [(r, s) for r in rows for s in r["selections"] if (s["selector"], s["k"]) == sel]
         acc = [100 * s["test_accuracy"] for _, s in pairs]
         gain = [100 * (s["test_accuracy"] - r["adapter"]["test_accuracy"]) for r, s in pairs]
