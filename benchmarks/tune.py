@@ -13,6 +13,7 @@ and the tuned recipe to tune_spaces/results/clinc-<tenant>-k<shots>.yaml.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -30,6 +31,7 @@ from adistill.datasets import clinc150
 from adistill.manifest import load_manifest
 from adistill.recipes.baselines import train_fusion
 from adistill.recipes.evaluate import accuracy
+from adistill.recipes.stage1 import train_adapter
 from adistill.recipes.stage2 import distill
 from adistill.registry import Registry
 from adistill.search import TuneOptions, save_recipe, tune_tenants
@@ -128,7 +130,67 @@ def markdown(report: dict) -> str:
             f"{'-' if val is None else f'{100 * val:.2f}'} | "
             f"{'-' if test is None else f'{100 * test:.2f}'} |"
         )
+    transfer = report.get("transfer")
+    if transfer:
+        rows = transfer["tenants"]
+        mean = {k: 100 * sum(r[k] for r in rows) / len(rows) for k in ("adapter", "distill_default", "distill_tuned")}
+        lines += [
+            "",
+            f"## Does the tuned config transfer? The other {len(rows)} tenants, {m['shots']} shots, seed 0",
+            "",
+            "What a platform does with a tuned config: onboard other tenants with it. Each row: stage 1 once, then",
+            "stage 2 with the recipe defaults and with the tuned recipe (both 20 epochs, best validation epoch kept),",
+            f"teachers = the other 9 domains. `{transfer['recipe']}`; test accuracy %:",
+            "",
+            "| tenant | adapter | distill, defaults | distill, tuned | tuned − defaults |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['tenant']} | {100 * r['adapter']:.2f} | {100 * r['distill_default']:.2f} | "
+                f"{100 * r['distill_tuned']:.2f} | {100 * (r['distill_tuned'] - r['distill_default']):+.2f} |"
+            )
+        wins = sum(r["distill_tuned"] > r["distill_default"] for r in rows)
+        losses = sum(r["distill_tuned"] < r["distill_default"] for r in rows)
+        lines.append(
+            f"| **mean** | **{mean['adapter']:.2f}** | **{mean['distill_default']:.2f}** | "
+            f"**{mean['distill_tuned']:.2f}** | **{mean['distill_tuned'] - mean['distill_default']:+.2f}** "
+            f"({wins} better, {losses} worse) |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def transfer(args: argparse.Namespace, out: Path) -> None:
+    """Default vs tuned recipe on other tenants (cached per tenant under --workdir/transfer), merged into tune.json."""
+    report = json.loads((out / "tune.json").read_text())
+    tuned = RecipeConfig.from_yaml(ROOT / report["recipe"])
+    defaults = {"temperature": 2.0, "alpha": 0.5, "beta": 1.0, "gamma": 0.0}
+    default = tuned.replace(  # the recipe defaults of the searched settings, everything else as tuned
+        distill=dataclasses.replace(tuned.distill, **defaults), stage2=dataclasses.replace(tuned.stage2, lr=5e-4)
+    )
+    backbone = load_backbone()
+    cache = Path(args.workdir) / "transfer"
+    cache.mkdir(parents=True, exist_ok=True)
+    teachers = {p.name: load_artifact(p, backbone).as_teacher().adapters for p in Path(args.teachers).iterdir()}
+    rows = []
+    for domain in args.transfer:
+        path = cache / f"{domain}-k{args.shots}.json"
+        if not path.exists():
+            data = few_shot(read_tenant_data(clinc150.tenant_path(domain)), args.shots, tuned.seed)
+            cfg = tuned.replace(shots=args.shots)
+            stage1, _ = train_adapter(backbone, data, cfg)
+            peers = [a for name, a in sorted(teachers.items()) if name != domain]
+            row = {"tenant": domain, "adapter": accuracy(backbone, stage1, data.test, cfg.max_length)}
+            for name, recipe in (("distill_default", default), ("distill_tuned", tuned)):
+                model, _ = distill(backbone, data, recipe.replace(shots=args.shots), stage1, peers)
+                row[name] = accuracy(backbone, model, data.test, cfg.max_length)
+            path.write_text(json.dumps(row))
+            log.warning("transfer %s: %s", domain, {k: v for k, v in row.items() if k != "tenant"})
+        rows.append(json.loads(path.read_text()))
+    done = [json.loads(p.read_text()) for p in sorted(cache.glob(f"*-k{args.shots}.json"))]
+    report["transfer"] = {"recipe": report["recipe"], "tenants": done}
+    (out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "tune.md").write_text(markdown(report))
 
 
 def main() -> None:
@@ -145,6 +207,7 @@ def main() -> None:
     p.add_argument("--teachers", default="runs/accuracy/teachers", help="teacher artifact folders (read only)")
     p.add_argument("--workdir", default="/tmp/adistill-tune-bench")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--transfer", nargs="+", default=None, help="no search: default vs tuned recipe on these tenants")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
@@ -152,6 +215,9 @@ def main() -> None:
     workdir, out = Path(args.workdir), Path(args.out)
     workdir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    if args.transfer:
+        transfer(args, out)
+        return
 
     registry = Registry(str(workdir / "registry"))
     teachers = publish_teachers(registry, Path(args.teachers), args.tenant)
