@@ -278,7 +278,7 @@ def choose_teachers(
 ) -> tuple[tuple[tuple[str, int], ...], dict[str, Any]]:
     """At most `cfg.k` of the published `teachers` for this tenant (adistill.teachers), ranked on metadata."""
     data = None
-    if cfg.strategy in ("similar", "probe"):
+    if cfg.uses_data:
         try:
             data = load_job_data(job, storage_options)
         except DataError as exc:  # the tenant fails in its worker with this error; it must not stop the batch

@@ -196,7 +196,7 @@ def tune_tenants(
     for e in entries:  # each tuned tenant gets its own teachers, chosen as onboarding would choose them
         recipe = space.apply(e.recipe(base_config))
         job = TenantJob(e.id, _absolute(str(e.data)), recipe)
-        data = load_job_data(job, options.storage_options)
+        data = load_job_data(job, options.storage_options) if options.teacher_selection.uses_data else None
         selection = choose_from_registry(
             registry, teachers, e.id, backbone, options.teacher_selection, data, recipe.max_length
         )

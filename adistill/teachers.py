@@ -55,6 +55,11 @@ class SelectionConfig:
         if self.max_all < 1 or self.probe_pool < 1:
             raise ConfigError("max_all and probe_pool must be >= 1")
 
+    @property
+    def uses_data(self) -> bool:
+        """Whether ranking needs the new tenant's training queries (`similar`, `probe`)."""
+        return self.strategy in ("similar", "probe")
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -139,7 +144,7 @@ def choose(
     """`select_teachers` for a new tenant given its training data: computes its data embedding (`similar`,
     `probe`) and the probe (`probe`, which loads the shortlist's adapters with `load`) only when needed."""
     embedding, probe = None, None
-    if cfg.strategy in ("similar", "probe"):
+    if cfg.uses_data:
         if not texts:
             raise ConfigError(f"teacher selection {cfg.strategy!r} needs the new tenant's training queries")
         embedding = torch.tensor(data_embedding(backbone, texts, max_length))

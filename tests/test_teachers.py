@@ -134,3 +134,7 @@ def test_choose_needs_the_new_tenants_queries_only_for_data_driven_selectors(tin
     texts, labels = ["pay my bill", "card declined"], ["a", "b"]
     sel = choose(pool, SelectionConfig("similar", k=3), "new", tiny, texts, labels, lambda c: None)
     assert len(sel.chosen) == 3 and set(sel.scores) == {c.tenant_id for c in sel.chosen}
+
+
+def test_only_similar_and_probe_need_the_new_tenants_data() -> None:
+    assert [SelectionConfig(s).uses_data for s in ("all", "random", "similar", "probe")] == [False, False, True, True]
