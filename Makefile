@@ -11,7 +11,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint typecheck pytest bench clean
+.PHONY: venv demo test test-fast lint typecheck pytest bench clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ pytest: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# Everything but the end-to-end runs marked `slow` (Ray Train/Tune/Serve, CLI subprocesses, `ray job submit`).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py

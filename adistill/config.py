@@ -1,12 +1,49 @@
-"""Validated, frozen configuration dataclasses. Dicts (YAML, CLI, JSON) become these once, at the edge."""
+"""Validated, frozen configuration dataclasses. Dicts (YAML, CLI, JSON) become these once, at the edge.
+
+Every configuration class of adistill is a frozen dataclass deriving from `Config`, so they all validate alike:
+
+    @dataclass(frozen=True)
+    class PoolOptions(Config):
+        size: int = 2                            # an int, never a bool or a float
+        ratio: float = 0.5                       # an int or a float, finite, never a bool
+        mode: Literal["fast", "safe"] = "fast"   # one of the listed values
+        limits: dict[str, float] | None = None   # null, or a mapping of strings to numbers
+
+        def check(self) -> None:                 # range rules; types are already checked here
+            at_least(self, 1, "size")
+            require(0 < self.ratio < 1, f"ratio must be in (0, 1), got {self.ratio!r}")
+
+The API:
+
+- `PoolOptions(...)`: `__post_init__` runs `check_types(self)` (every field against its annotation), then
+  `self.check()`. Both raise `ConfigError`; messages start with the field name ("size must be an integer, got
+  True"), so that `from_dict` can say where a nested field sits ("pool.size ...").
+- `PoolOptions.from_dict(data, where="")`: build from a mapping (YAML, JSON, CLI flags). Unknown keys and
+  missing required keys are `ConfigError`s; a mapping given for a nested `Config` field overrides that field's
+  default part by part; a list given for a tuple field becomes a tuple. `where` is the dotted path of this
+  mapping inside a larger document ("stage1"), put in front of every message.
+- `to_dict()` (plain dicts, `dataclasses.asdict`) and `replace(**changes)` (validated again).
+- Class attributes a subclass may set: `label` ("serve config") prefixes every message of a top-level config;
+  `none_means_default` names fields for which `from_dict` reads None (an empty YAML value) as "use the default".
+- Helpers for `check()`: `require(condition, message)`, `at_least(config, minimum, *names)`; `check_types(config)`
+  is the type check on its own. Put rules in `check()`: a subclass that defines `__post_init__` must call
+  `super().__post_init__()`.
+
+Annotations understood: bool, int, float, str, Any, `Literal[...]`, `X | None` (and other unions), `dict[K, V]`,
+`Mapping[K, V]`, `list[X]`, `tuple[X, ...]`, nested `Config` classes and any other class (an isinstance check).
+They must be importable at run time (not only under TYPE_CHECKING): they are resolved with `get_type_hints`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, ClassVar, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -16,33 +53,233 @@ AdapterKind = Literal["seq_bn", "houlsby"]
 Pooling = Literal["mean", "cls"]
 Method = Literal["adapter", "distill", "fusion", "finetune"]
 METHODS: tuple[str, ...] = get_args(Method)
-TEACHER_STRATEGIES = ("all", "random", "similar", "probe")  # adistill.teachers
+TEACHER_STRATEGIES = ("all", "random", "similar", "probe")  # adistill.selection
 
 # Where each adapter kind puts a bottleneck inside a transformer layer.
 ADAPTER_SITES: dict[str, tuple[str, ...]] = {"seq_bn": ("ffn",), "houlsby": ("attn", "ffn")}
 
+C = TypeVar("C", bound="Config")
 
-def _check(condition: bool, message: str) -> None:
+
+class Config:
+    """Base of every frozen configuration dataclass: type checks from the annotations, then `check()`.
+    See the module docstring for the API."""
+
+    label: ClassVar[str] = ""  # e.g. "serve config": prefixes every message of this (top-level) config
+    none_means_default: ClassVar[tuple[str, ...]] = ()  # fields where from_dict reads None as "the default"
+
+    def __post_init__(self) -> None:
+        try:
+            check_types(self)
+            self.check()
+        except ConfigError as exc:
+            if not self.label:
+                raise
+            raise ConfigError(f"{self.label}: {exc}") from exc
+
+    def check(self) -> None:
+        """Range rules and rules across fields; raise `ConfigError` with a message naming the field first."""
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
+        """Build from a mapping; unknown or missing keys are errors, nested mappings override nested defaults."""
+        return _build(cls, data, where, None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(cast(Any, self))
+
+    def replace(self: C, **changes: Any) -> C:
+        return cast(C, dataclasses.replace(cast(Any, self), **changes))
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], where: str = "") -> C:
+    """`cls.from_dict(data, where)`, for callers that hold the class in a variable."""
+    return cls.from_dict(data, where)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise `ConfigError(message)` unless `condition`."""
     if not condition:
         raise ConfigError(message)
 
 
+def at_least(config: Config, minimum: float, *names: str) -> None:
+    """Each named field is None or >= `minimum`."""
+    for name in names:
+        value = getattr(config, name)
+        require(value is None or value >= minimum, f"{name} must be >= {minimum}, got {value!r}")
+
+
+def check_types(config: Config) -> None:
+    """Check every field of `config` against its annotation; `ConfigError` naming the first field that fails."""
+    hints = _hints(type(config))
+    for f in dataclasses.fields(cast(Any, config)):
+        problem = _mismatch(getattr(config, f.name), hints[f.name], f.name)
+        if problem:
+            raise ConfigError(problem)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of `cls`, computed once per class."""
+    if cls not in _HINTS:
+        try:
+            _HINTS[cls] = get_type_hints(cls)
+        except NameError as exc:
+            raise TypeError(f"{cls.__name__}: cannot resolve a field annotation at run time ({exc})") from exc
+    return _HINTS[cls]
+
+
+def _mismatch(value: Any, tp: Any, path: str) -> str | None:
+    """Why `value` does not fit the annotation `tp` (a message naming `path`), or None when it fits."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any or tp is object:
+        return None
+    if origin is Union or origin is types.UnionType:
+        if value is None:
+            return None if type(None) in args else f"{path} must be {_describe(tp)}, got None"
+        arms = [a for a in args if a is not type(None)]
+        problems = [_mismatch(value, a, path) for a in arms]
+        if None in problems:
+            return None
+        kind = _container(arms[0]) if len(arms) == 1 else None
+        if kind is not None and isinstance(value, kind):
+            return problems[0]  # the right kind of container holding a wrong item: name the item
+        return f"{path} must be {_describe(tp)}, got {value!r}"
+    if origin is Literal:
+        ok = any(value == a and type(value) is type(a) for a in args)
+        return None if ok else f"{path} must be {_describe(tp)}, got {value!r}"
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return None if math.isfinite(value) else f"{path} must be a finite number, got {value!r}"
+        return f"{path} must be a number, got {value!r}{_yaml_hint(value)}"
+    if tp is int and isinstance(value, bool):
+        return f"{path} must be an integer, got {value!r}"
+    kind = _container(tp)
+    if kind is not None:
+        if not isinstance(value, kind):
+            return f"{path} must be {_describe(tp)}, got {value!r}"
+        return _item_mismatch(value, kind, args, path)
+    if isinstance(tp, type):
+        return None if isinstance(value, tp) else f"{path} must be {_describe(tp)}, got {value!r}"
+    return None  # an annotation this checker does not understand: not checked
+
+
+def _item_mismatch(value: Any, kind: type, args: tuple[Any, ...], path: str) -> str | None:
+    if kind is tuple and len(args) == 2 and args[1] is Ellipsis:
+        args = (args[0],)
+    elif kind is tuple and args:
+        if len(value) != len(args):
+            return f"{path} must have {len(args)} items, got {value!r}"
+        return next(filter(None, (_mismatch(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))), None)
+    if not args:
+        return None
+    if kind in (list, tuple):
+        return next(filter(None, (_mismatch(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))), None)
+    for key, item in value.items():
+        problem = _mismatch(key, args[0], f"{path} key {key!r}") or _mismatch(item, args[1], f"{path}[{key!r}]")
+        if problem:
+            return problem
+    return None
+
+
+def _container(tp: Any) -> type | None:
+    """The runtime class of a dict/Mapping/list/tuple annotation, else None."""
+    origin = get_origin(tp) or tp
+    return cast(type, origin) if origin in (dict, Mapping, list, tuple) else None
+
+
+def _describe(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if tp in names:
+        return names[tp]
+    kind = _container(tp)
+    if kind is not None:
+        return "a list" if kind in (list, tuple) else "a mapping"
+    name = str(getattr(tp, "__name__", tp))
+    return f"{'an' if name[:1] in 'AEIOUaeiou' else 'a'} {name}"
+
+
+def _yaml_hint(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (a string: YAML reads 1e-4 without a dot as text, write 1.0e-4)"
+    return ""
+
+
+def _build(cls: type[C], data: Mapping[str, Any], where: str, base: C | None) -> C:
+    """`cls` from `data`; fields missing from `data` come from `base` when given, else from their defaults."""
+    name = where or cls.label or cls.__name__
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{name}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
+    unknown = sorted(str(k) for k in data if k not in fields)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {name}; expected some of {sorted(fields)}")
+    values = {k: v for k, v in data.items() if not (v is None and k in cls.none_means_default)}
+    if base is None:
+        missing = [n for n, f in fields.items() if n not in values and _required(f)]
+        if missing:
+            raise ConfigError(f"missing required key(s) {missing} in {name}")
+    hints = _hints(cls)
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        nested = _nested_class(hints[key])
+        if nested is not None and isinstance(value, Mapping):
+            default = getattr(base, key) if base is not None else _default(fields[key])
+            values[key] = _build(nested, value, path, default if isinstance(default, nested) else None)
+        elif _container(hints[key]) is tuple and isinstance(value, list):
+            values[key] = tuple(value)
+    try:
+        return cast(Any, cls)(**values) if base is None else base.replace(**values)
+    except ConfigError as exc:
+        if not where:
+            raise
+        raise _within(where, exc, fields) from exc
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+
+def _nested_class(tp: Any) -> type[Config] | None:
+    """The Config class a field holds (`Sub` or `Sub | None`), else None."""
+    for arm in get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,):
+        if isinstance(arm, type) and issubclass(arm, Config):
+            return arm
+    return None
+
+
+def _within(where: str, exc: ConfigError, fields: Mapping[str, Any]) -> ConfigError:
+    """`exc` with `where` in front: "stage1.epochs must be..." when it names a field, else "where: ..."."""
+    message = str(exc)
+    head = re.match(r"[A-Za-z_]\w*", message)
+    return ConfigError(f"{where}.{message}" if head and head.group() in fields else f"{where}: {message}")
+
+
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(Config):
     """Bottleneck adapter shape. `seq_bn` (Pfeiffer): one after the FFN output; `houlsby`: also after attention."""
 
     kind: AdapterKind = "seq_bn"
     reduction_factor: int = 16
 
-    def __post_init__(self) -> None:
-        _check(
-            self.kind in ADAPTER_SITES,
-            f"adapter.kind must be one of {list(ADAPTER_SITES)}, got {self.kind!r}",
-        )
-        _check(
-            isinstance(self.reduction_factor, int) and self.reduction_factor >= 1,
-            f"adapter.reduction_factor must be an integer >= 1, got {self.reduction_factor!r}",
-        )
+    def check(self) -> None:
+        at_least(self, 1, "reduction_factor")
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -53,7 +290,7 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """One optimisation stage: AdamW, best epoch by validation accuracy, early stop after `patience` epochs."""
 
     epochs: int = 40
@@ -62,22 +299,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     patience: int | None = 10
 
-    def __post_init__(self) -> None:
-        _check(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}")
-        _check(0 < float(self.lr) < 1, f"lr must be in (0, 1), got {self.lr!r}")
-        _check(
-            isinstance(self.batch_size, int) and self.batch_size >= 1,
-            f"batch_size must be >= 1, got {self.batch_size!r}",
-        )
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        _check(
-            self.patience is None or (isinstance(self.patience, int) and self.patience >= 1),
-            f"patience must be null or >= 1, got {self.patience!r}",
-        )
+    def check(self) -> None:
+        at_least(self, 1, "epochs", "batch_size", "patience")
+        require(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
+        at_least(self, 0, "weight_decay")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(Config):
     """Stage-2 loss: α·CE(student) + (1-α)·τ²·KL(teacher‖student) + β·CE(teacher) + γ·Σ_l MSE(hidden)."""
 
     temperature: float = 2.0
@@ -86,18 +315,14 @@ class DistillConfig:
     gamma: float = 0.0
     detach_teacher: bool = True
 
-    def __post_init__(self) -> None:
-        _check(
-            math.isfinite(self.temperature) and self.temperature > 0,
-            f"distill.temperature must be > 0, got {self.temperature!r}",
-        )
-        _check(0.0 <= self.alpha <= 1.0, f"distill.alpha must be in [0, 1], got {self.alpha!r}")
-        _check(self.beta >= 0, f"distill.beta must be >= 0, got {self.beta!r}")
-        _check(self.gamma >= 0, f"distill.gamma must be >= 0, got {self.gamma!r}")
+    def check(self) -> None:
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}")
+        require(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha!r}")
+        at_least(self, 0, "beta", "gamma")
 
 
 @dataclass(frozen=True)
-class RecipeConfig:
+class RecipeConfig(Config):
     """Everything that decides how one tenant is trained (recorded in its artifact)."""
 
     method: Method = "distill"
@@ -111,27 +336,9 @@ class RecipeConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=5e-5, patience=5))
     distill: DistillConfig = field(default_factory=DistillConfig)
 
-    def __post_init__(self) -> None:
-        _check(self.method in METHODS, f"method must be one of {list(METHODS)}, got {self.method!r}")
-        _check(self.pooling in ("mean", "cls"), f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
-        _check(
-            isinstance(self.max_length, int) and 4 <= self.max_length <= 512,
-            f"max_length must be in [4, 512], got {self.max_length!r}",
-        )
-        _check(
-            self.shots is None or (isinstance(self.shots, int) and self.shots >= 1),
-            f"shots must be null or >= 1, got {self.shots!r}",
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> RecipeConfig:
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecipeConfig:
-        return from_dict(cls, data)
+    def check(self) -> None:
+        require(4 <= self.max_length <= 512, f"max_length must be in [4, 512], got {self.max_length!r}")
+        require(self.shots is None or self.shots >= 1, f"shots must be null or >= 1, got {self.shots!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RecipeConfig:
@@ -147,28 +354,3 @@ class RecipeConfig:
             return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"config {path}: {exc}") from exc
-
-
-T = TypeVar("T")
-
-
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from `data`, recursing into nested dataclasses; unknown keys are errors."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where or cls.__name__}; expected some of {sorted(fields)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        default = fields[name].default_factory
-        nested = default() if default is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(nested) and not isinstance(nested, type) and isinstance(value, dict):
-            kwargs[name] = from_dict(type(nested), {**dataclasses.asdict(nested), **value}, f"{where}{name}.")
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc

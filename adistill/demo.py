@@ -28,9 +28,10 @@ import yaml
 from adistill.backbone import Backbone, load_backbone
 from adistill.datasets import clinc150
 from adistill.encoder import encode
-from adistill.engine import Engine
+from adistill.inference.engine import Engine
 from adistill.model import TenantModel
-from adistill.registry import Registry
+from adistill.reports import artifact_bytes, text_table
+from adistill.store.registry import Registry
 
 Echo = Callable[[str], object]
 
@@ -85,10 +86,9 @@ def write_manifests(plan: DemoPlan, out: Path) -> tuple[Path, Path]:
 
 
 def run_demo(out: Path, quick: bool = False, echo: Echo = lambda s: None, port: int | None = None) -> dict[str, Any]:
-    import ray
-
+    from adistill.distributed.common import ensure_ray, shutdown_ray
+    from adistill.distributed.onboard import OnboardEvent, OnboardOptions, onboard_manifest, summary_table
     from adistill.manifest import load_manifest
-    from adistill.onboard import OnboardEvent, OnboardOptions, onboard_manifest, summary_table
 
     plan = DemoPlan.default(quick)
     started = time.perf_counter()
@@ -96,9 +96,8 @@ def run_demo(out: Path, quick: bool = False, echo: Echo = lambda s: None, port: 
     echo(f"backbone {backbone.name}: {backbone.num_parameters / 1e6:.1f}M parameters, frozen and shared")
     registry = Registry(str(out / "registry"))
     teachers_yaml, new_yaml = write_manifests(plan, out)
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, configure_logging=False, log_to_driver=False)
-    options = OnboardOptions(max_concurrent=2, storage_path=str((out / "runs").resolve()))
+    ensure_ray(num_cpus=4)
+    options = OnboardOptions(workers=2, storage_path=str((out / "runs").resolve()))
 
     def progress(event: OnboardEvent) -> None:
         if event.status in ("published", "skipped", "failed"):
@@ -124,7 +123,7 @@ def run_demo(out: Path, quick: bool = False, echo: Echo = lambda s: None, port: 
     }
     (out / "demo-report.json").write_text(json.dumps(report, indent=2) + "\n")
     echo(f"\ndone in {report['seconds']} s; registry, manifests and demo-report.json under {out}/")
-    ray.shutdown()
+    shutdown_ray()
     return report
 
 
@@ -142,13 +141,13 @@ def _comparison(backbone: Backbone, registry: Registry, plan: DemoPlan, echo: Ec
                 "tenant": ids[method],
                 "test_accuracy": round(100 * meta["metrics"]["test"]["accuracy"], 2),
                 "added_params_pct": meta["parameters"]["percent_of_backbone"],
-                "artifact_bytes": sum(f["bytes"] for f in meta["files"].values()),
+                "artifact_bytes": artifact_bytes(meta),
                 "seq_per_s": round(speed[method], 1),
                 "ratio_to_bare": round(speed[method] / speed["bare"], 3),
             }
         )
     echo(f"\nnew tenant {plan.new_id!r}: {plan.shots} shots per intent, {len(plan.teachers)} teachers")
-    echo(_table(rows, speed["bare"]))
+    echo(comparison_table(rows, speed["bare"]))
     return rows
 
 
@@ -172,18 +171,22 @@ def _throughput(backbone: Backbone, models: dict[str, TenantModel], repeats: int
     return out
 
 
-def _table(rows: list[dict[str, Any]], bare: float) -> str:
-    lines = [
-        "| method  | test acc % | added params % | artifact bytes | seq/s | × bare |",
-        "|---------|-----------:|---------------:|---------------:|------:|-------:|",
-        f"| (bare)  |            |                |                | {bare:5.0f} |   1.00 |",
+def comparison_table(rows: list[dict[str, Any]], bare: float) -> str:
+    """The methods side by side, as a Markdown table (README.md shows one), the bare encoder first."""
+    header = ["method", "test acc %", "added params %", "artifact bytes", "seq/s", "× bare"]
+    cells = [["(bare)", "", "", "", f"{bare:.0f}", "1.00"]]
+    cells += [
+        [
+            r["method"],
+            r["test_accuracy"],
+            r["added_params_pct"],
+            f"{r['artifact_bytes']:,}",
+            f"{r['seq_per_s']:.0f}",
+            f"{r['ratio_to_bare']:.2f}",
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['method']:<7} | {r['test_accuracy']:>10} | {r['added_params_pct']:>14} | {r['artifact_bytes']:>14,} "
-            f"| {r['seq_per_s']:>5.0f} | {r['ratio_to_bare']:>6.2f} |"
-        )
-    return "\n".join(lines)
+    return text_table(header, cells, align="<>>>>>", markdown=True)
 
 
 def _free_port() -> int:
@@ -194,17 +197,13 @@ def _free_port() -> int:
 
 def _serve_and_ask(registry: Registry, echo: Echo, port: int | None) -> list[dict[str, Any]]:
     """Start the Serve application on this registry, ask two tenants over HTTP, shut the service down."""
-    from ray import serve
-
-    from adistill.serve import APP_NAME, ServeConfig, build
+    from adistill.distributed.serve import ServeConfig, serving
 
     port = port or _free_port()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo prints its own lines
     config = ServeConfig(registry=registry.uri, max_batch_size=16, ray_actor_options={"num_cpus": 0.5})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     answers = []
-    try:
-        serve.run(build(config), name=APP_NAME, route_prefix="/")
+    with serving(config, "127.0.0.1", port):
         echo(f"\nserving every tenant at http://127.0.0.1:{port} (Ray Serve, one backbone replica group)")
         for tenant, texts in QUERIES.items():
             url = f"http://127.0.0.1:{port}/v1/tenants/{tenant}/predict"
@@ -215,7 +214,5 @@ def _serve_and_ask(registry: Registry, echo: Echo, port: int | None) -> list[dic
                 answer = json.loads(resp.read())
             echo(json.dumps(answer))
             answers.append(answer)
-    finally:
-        serve.shutdown()
     echo("service shut down")
     return answers

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from adistill.config import METHODS, RecipeConfig
+from adistill.config import Config, RecipeConfig
 from adistill.errors import ConfigError, InvalidTenantId
 from adistill.tenant_id import validate_tenant_id
 
@@ -39,14 +39,18 @@ class ManifestError(ConfigError):
 
 
 @dataclass(frozen=True)
-class TenantSpec:
-    """One manifest entry. `data` is an absolute local path or a URI exactly as written (s3://, file://...)."""
+class TenantSpec(Config):
+    """One manifest entry. `data` is an absolute local path or a URI exactly as written (s3://, file://...).
+    `shots` and `method` are checked by the recipe's own rules (`RecipeConfig`), so both say the same."""
 
     id: str
     data: str
     shots: int | None = None
     method: str | None = None
     config: RecipeConfig | None = None
+
+    def check(self) -> None:
+        self.recipe()  # method/shots/config must combine into a valid recipe
 
     def recipe(self, base: RecipeConfig | None = None) -> RecipeConfig:
         """The tenant's recipe: its `config` (else `base`, else the defaults) with `method`/`shots` applied."""
@@ -142,18 +146,12 @@ def _tenant(
         if not (data.startswith("file://") and local.is_absolute()):
             data = str(resolved)
     shots = entry.get("shots", defaults.get("shots"))
-    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
-        raise ManifestError(f"{here}: 'shots' must be an integer >= 1, got {shots!r}")
     method = entry.get("method", defaults.get("method"))
-    if method is not None and method not in METHODS:
-        raise ManifestError(f"{here}: 'method' must be one of {list(METHODS)}, got {method!r}")
     cfg = _config(entry["config"], folder, here) if "config" in entry else default_cfg
-    spec = TenantSpec(tenant_id, data, shots, method, cfg)
     try:
-        spec.recipe()  # method/shots/config must combine into a valid recipe
+        return TenantSpec(tenant_id, data, shots, method, cfg)
     except ConfigError as exc:
         raise ManifestError(f"{here}: {exc}") from exc
-    return spec
 
 
 def _config(value: Any, folder: Path, where: str) -> RecipeConfig | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from adistill.config import RecipeConfig
+from adistill.config import Config, RecipeConfig, require
 from adistill.errors import ConfigError
 
 # What a trial may change, and the kind of value each one takes.
@@ -45,7 +45,6 @@ TUNABLE: dict[str, type] = {
 }
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "int")
 TOP_KEYS = ("description", "samples", "params", "fixed", "asha")
-ASHA_KEYS = ("grace_period", "reduction_factor")
 
 
 def _number(value: Any) -> bool:
@@ -117,21 +116,19 @@ class Param:
 
 
 @dataclass(frozen=True)
-class AshaSettings:
+class AshaSettings(Config):
     """ASHA: a trial must reach `grace_period` epochs; at each rung only the top 1/`reduction_factor` continue."""
 
     grace_period: int = 1
     reduction_factor: float = 2.0
 
-    def __post_init__(self) -> None:
-        if isinstance(self.grace_period, bool) or not isinstance(self.grace_period, int) or self.grace_period < 1:
-            raise ConfigError(f"asha.grace_period must be an integer >= 1, got {self.grace_period!r}")
-        if not _number(self.reduction_factor) or self.reduction_factor <= 1:
-            raise ConfigError(f"asha.reduction_factor must be a number > 1, got {self.reduction_factor!r}")
+    def check(self) -> None:
+        require(self.grace_period >= 1, f"grace_period must be >= 1, got {self.grace_period!r}")
+        require(self.reduction_factor > 1, f"reduction_factor must be > 1, got {self.reduction_factor!r}")
 
 
 @dataclass(frozen=True)
-class SearchSpace:
+class SearchSpace(Config):
     """A validated search space: searched `params`, a partial recipe `fixed` applied under them, ASHA settings."""
 
     params: tuple[Param, ...]
@@ -141,15 +138,14 @@ class SearchSpace:
     description: str = ""
     name: str = "space"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not self.params:
             raise ConfigError("params: a search space needs at least one parameter")
         paths = [p.path for p in self.params]
         duplicated = sorted({p for p in paths if paths.count(p) > 1})
         if duplicated:
             raise ConfigError(f"params: {duplicated} listed more than once")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
-            raise ConfigError(f"samples must be an integer >= 1, got {self.samples!r}")
+        require(self.samples >= 1, f"samples must be >= 1, got {self.samples!r}")
         if self.fixed.get("method", "distill") != "distill":
             raise ConfigError(f"fixed.method: tuning searches the distill method, got {self.fixed['method']!r}")
         for path in paths:
@@ -264,21 +260,12 @@ def space_from_dict(data: Any, name: str = "space") -> SearchSpace:
         RecipeConfig.from_dict(fixed)
     except ConfigError as exc:
         raise ConfigError(f"fixed: {exc}") from exc
-    asha = data.get("asha") or {}
-    if not isinstance(asha, dict):
-        raise ConfigError(f"'asha' must be a mapping, got {asha!r}")
-    unknown = sorted(str(k) for k in asha if k not in ASHA_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in asha; expected some of {list(ASHA_KEYS)}")
-    description = data.get("description") or ""
-    if not isinstance(description, str):
-        raise ConfigError(f"'description' must be a string, got {description!r}")
     return SearchSpace(
         params=tuple(parse_param(str(k), v) for k, v in params.items()),
         fixed=fixed,
         samples=data.get("samples", 16),
-        asha=AshaSettings(**asha),
-        description=description,
+        asha=AshaSettings.from_dict(data.get("asha") or {}, "asha"),
+        description=data.get("description") or "",
         name=name,
     )
 

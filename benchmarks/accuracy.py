@@ -21,18 +21,18 @@ from pathlib import Path
 
 import torch
 
-from adistill.artifacts import artifact_files, load_artifact, save_artifact
 from adistill.backbone import load_backbone
 from adistill.config import RecipeConfig, TrainConfig
 from adistill.data import few_shot, read_tenant_data
 from adistill.datasets import clinc150
 from adistill.encoder import encode
-from adistill.engine import Engine
+from adistill.inference.engine import Engine
 from adistill.recipes import train_tenant
 from adistill.recipes.baselines import train_fusion
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.stage1 import train_adapter
 from adistill.recipes.stage2 import distill
+from adistill.store.artifact import load_artifact, save_artifact
 
 log = logging.getLogger("benchmarks.accuracy")
 METHODS = ("adapter", "fusion", "distill")
@@ -49,7 +49,7 @@ def teacher_artifacts(backbone, workdir: Path, epochs: int) -> dict[str, Path]:
             data = read_tenant_data(clinc150.tenant_path(domain))
             result = train_tenant(backbone, data, cfg)
             record = {"source": domain, "fingerprint": data.fingerprint(), "train_examples": len(data.train)}
-            save_artifact(artifact_files(domain.replace("_", "-"), result, backbone, cfg, record), path)
+            save_artifact(result.files(domain.replace("_", "-"), backbone, cfg, record), path)
             log.warning(
                 "teacher %s: val %.4f (%.0fs)",
                 domain,
@@ -119,7 +119,7 @@ def throughput(backbone, teacher_paths: list[Path], texts: list[str], repeats: i
     rates["distill"] = rates["adapter"]  # same artifact shape and forward; measured once
     from safetensors.torch import save as st_save
 
-    from adistill.artifacts import added_parameters
+    from adistill.store.artifact import added_parameters
 
     state = {k: v.contiguous() for k, v in fusion_model.state_dict().items()}
     rates["fusion_artifact_bytes"] = len(st_save(state))

@@ -31,15 +31,14 @@ from typing import Any
 import torch
 
 from adistill.adapters import AdapterSet
-from adistill.artifacts import artifact_files
 from adistill.backbone import Backbone, load_backbone
 from adistill.config import RecipeConfig, TrainConfig
 from adistill.data import Split, TenantData, few_shot, read_tenant_data
 from adistill.datasets import clinc150
-from adistill.jobs import TenantJob, data_record
 from adistill.recipes import train_tenant
 from adistill.recipes.stage1 import train_adapter
 from adistill.recipes.stage2 import distill
+from adistill.recipes.tenant import TenantJob, data_record
 
 RESULTS = Path(__file__).parent / "results"
 log = logging.getLogger("benchmarks.onboarding")
@@ -98,16 +97,14 @@ def step_times(backbone: Backbone, teacher_counts: list[int], batch: int, steps:
 
 def seed_registry(backbone: Backbone, root: Path, domains: list[str], cfg: RecipeConfig) -> Path:
     """A registry holding `domains` as adapter teachers (trained in-process, few-shot: this is set-up, not timed)."""
-    from adistill.registry import Registry
+    from adistill.store.registry import Registry
 
     registry = Registry(str(root))
     for domain in domains:
         job = TenantJob(domain.replace("_", "-"), clinc150.tenant_path(domain), cfg.replace(method="adapter"))
         data = few_shot(read_tenant_data(job.data), cfg.shots or 5, cfg.seed)
         result = train_tenant(backbone, data, job.config)
-        registry.publish(
-            job.tenant_id, artifact_files(job.tenant_id, result, backbone, job.config, data_record(job, data))
-        )
+        registry.publish(job.tenant_id, result.files(job.tenant_id, backbone, job.config, data_record(job, data)))
     return root
 
 
@@ -117,9 +114,9 @@ def throughput(
     import ray
     import yaml
 
+    from adistill.distributed.onboard import OnboardOptions, onboard_manifest
     from adistill.manifest import load_manifest
-    from adistill.onboard import OnboardOptions, onboard_manifest
-    from adistill.registry import Registry
+    from adistill.store.registry import Registry
 
     cpus = os.cpu_count() or 2
     cfg = RecipeConfig(

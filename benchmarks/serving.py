@@ -42,16 +42,15 @@ import numpy as np
 import torch
 
 from adistill.adapters import AdapterSet
-from adistill.artifacts import artifact_files
 from adistill.backbone import Backbone, load_backbone
 from adistill.config import AdapterConfig, RecipeConfig
-from adistill.engine import Engine
 from adistill.fusion import FusionSet
 from adistill.heads import Head
+from adistill.inference.engine import Engine
+from adistill.inference.tenant_cache import TenantCache, module_bytes
 from adistill.model import TenantModel
-from adistill.recipes.train import TrainResult
-from adistill.registry import Registry
-from adistill.tenant_cache import TenantCache, module_bytes
+from adistill.store.artifact import artifact_files
+from adistill.store.registry import Registry
 
 log = logging.getLogger("benchmarks.serving")
 LABELS = 15
@@ -105,7 +104,7 @@ def random_tenant(backbone: Backbone, seed: int, max_length: int, config: Adapte
 
 def tenant_files(backbone: Backbone, tenant_id: str, seed: int) -> dict[str, bytes]:
     model = random_tenant(backbone, seed, 32, AdapterConfig())
-    return artifact_files(tenant_id, TrainResult(model=model, metrics={}), backbone, RecipeConfig(), {"seed": seed})
+    return artifact_files(tenant_id, model, backbone, RecipeConfig(), {"seed": seed}, {})
 
 
 def long_texts(n: int, seed: int = 0) -> list[str]:
@@ -217,7 +216,7 @@ def http_rows(
     import ray
     from ray import serve
 
-    from adistill.serve import build_app
+    from adistill.distributed.serve import build_app
 
     root = scratch / "http-registry"
     registry = Registry(str(root))

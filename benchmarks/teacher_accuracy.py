@@ -3,7 +3,7 @@
 Leave-one-out as in benchmarks/accuracy.py: each of the 10 domains is the new tenant at 5 shots per intent, the
 other 9 domains' adapters (runs/accuracy/teachers/, written by benchmarks/accuracy.py, read only) are the
 published candidates. Every candidate carries the data embedding an artifact records at publish time (the mean
-bare-encoder embedding of its training queries); selection runs through `adistill.teachers.choose`, exactly as
+bare-encoder embedding of its training queries); selection runs through `adistill.selection.choose_teachers`, exactly as
 `onboard`, `train` and `tune` call it. Stage 1 is trained once per (tenant, seed) and shared; stage 2 runs once per
 distinct teacher set (selectors that pick the same set share the run). Selectors: `random` (seeded by the run's
 seed), `similar`, `probe`, at k = 1, 3, 5, and all 9 (every selector's k = 9); plus `dissimilar` (the k *least*
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from accuracy import subsample_validation  # benchmarks/accuracy.py: the same validation subset for the same seed
 
-from adistill.artifacts import load_artifact
 from adistill.backbone import load_backbone
 from adistill.config import RecipeConfig, TrainConfig
 from adistill.data import TenantData, few_shot, read_tenant_data
@@ -36,7 +35,15 @@ from adistill.datasets import clinc150
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.stage1 import train_adapter
 from adistill.recipes.stage2 import distill
-from adistill.teachers import Candidate, SelectionConfig, choose, data_embedding, rank_by_similarity
+from adistill.selection import (
+    ArtifactPool,
+    Candidate,
+    SelectionConfig,
+    choose_teachers,
+    data_embedding,
+    rank_by_similarity,
+)
+from adistill.store.artifact import Artifact, load_artifact
 
 log = logging.getLogger("benchmarks.teacher_accuracy")
 SELECTORS = ("random", "similar", "probe")
@@ -44,9 +51,9 @@ KS = (1, 3, 5)
 BAD_KS = (1, 3)
 
 
-def candidates(backbone, teachers_dir: Path) -> tuple[list[Candidate], dict]:
+def candidates(backbone, teachers_dir: Path) -> tuple[list[Candidate], ArtifactPool]:
     """Every cached teacher as a published candidate with the metadata onboarding records (data embedding)."""
-    out, loaded = [], {}
+    out, artifacts = [], []
     for domain in clinc150.domains():
         path = teachers_dir / domain
         if not (path / "adapter_config.json").is_file():
@@ -56,25 +63,26 @@ def candidates(backbone, teachers_dir: Path) -> tuple[list[Candidate], dict]:
         record = {**artifact.meta.get("data", {}), "embedding": data_embedding(backbone, texts)}
         meta = {**artifact.meta, "data": record}
         out.append(Candidate(domain, 1, meta))
-        loaded[domain] = artifact.as_teacher().adapters
-    return out, loaded
+        artifacts.append(Artifact({**meta, "version": 1}, artifact.model))
+    return out, ArtifactPool(artifacts)
 
 
-def teacher_sets(pool: list[Candidate], loaded: dict, backbone, domain: str, data: TenantData, seed: int) -> dict:
+def teacher_sets(
+    pool: list[Candidate], loaded: ArtifactPool, backbone, domain: str, data: TenantData, seed: int
+) -> dict:
     """{(selector, k): (teacher ids, scores, seconds)} for this new tenant."""
     sets = {}
-    texts, labels = data.train.texts, data.train.labels
+    texts = data.train.texts
     for strategy in SELECTORS:
         for k in KS:
             t0 = time.perf_counter()
-            sel = choose(
-                pool,
-                SelectionConfig(strategy, k, seed=seed),  # type: ignore[arg-type]
+            sel = choose_teachers(
+                loaded,
                 domain,
                 backbone,
-                texts,
-                labels,
-                lambda c: loaded[c.tenant_id],
+                RecipeConfig(),
+                SelectionConfig(strategy=strategy, k=k, seed=seed),  # type: ignore[arg-type]
+                data,
             )
             sets[(strategy, k)] = ([c.tenant_id for c in sel.chosen], sel.scores, time.perf_counter() - t0)
     others = [c for c in pool if c.tenant_id != domain]
@@ -139,7 +147,7 @@ def run_one(backbone, pool, loaded, domain: str, shots: int, seed: int, cfg: Rec
     for (strategy, k), (ids, scores, seconds) in teacher_sets(pool, loaded, backbone, domain, data, seed).items():
         key = tuple(sorted(ids))
         if key not in by_set:  # the same teachers in the same order: one stage-2 run serves every selector
-            by_set[key] = stage2_run(backbone, data, cfg, stage1, [loaded[t] for t in key])
+            by_set[key] = stage2_run(backbone, data, cfg, stage1, [loaded.by_id[t].as_teacher().adapters for t in key])
         row["selections"].append(
             {
                 "selector": strategy,

@@ -89,8 +89,8 @@ def step_cost(backbone_spec: str | None, k: int, plain: bool, steps: int) -> dic
 
 def selection_at_scale(n: int, dim: int) -> dict[str, float]:
     """Publish n synthetic tenants' metadata-bearing artifacts to a local registry; time ranking them."""
-    from adistill.registry import Registry
-    from adistill.teachers import Candidate, SelectionConfig, select_teachers
+    from adistill.selection import Candidate, SelectionConfig, select_teachers
+    from adistill.store.registry import Registry
 
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
@@ -122,7 +122,6 @@ def selection_at_scale(n: int, dim: int) -> dict[str, float]:
 
 def _synthetic_files(dim: int) -> dict[str, bytes]:
     """A real (random-weight) artifact of the default backbone's shape, built once and reused."""
-    from adistill.artifacts import artifact_files
     from adistill.backbone import load_backbone
     from adistill.config import RecipeConfig, TrainConfig
     from adistill.data import few_shot, read_tenant_data
@@ -133,7 +132,7 @@ def _synthetic_files(dim: int) -> dict[str, bytes]:
     data = few_shot(read_tenant_data(clinc150.tenant_path("meta")), 4, 0)
     cfg = RecipeConfig(method="adapter", stage1=TrainConfig(epochs=1))
     result = train_tenant(backbone, data, cfg)
-    return artifact_files("template", result, backbone, cfg, {"source": "synthetic", "embedding": [0.0] * dim})
+    return result.files("template", backbone, cfg, {"source": "synthetic", "embedding": [0.0] * dim})
 
 
 def main() -> None:

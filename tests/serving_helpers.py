@@ -6,20 +6,19 @@ import threading
 import time
 from collections import Counter
 
-from conftest import fast_config
-from helpers import random_tenant
+from helpers import fast_config, random_tenant
 
-from adistill.artifacts import WEIGHTS, Artifact, artifact_files, artifact_from_files
 from adistill.backbone import Backbone
 from adistill.errors import TenantNotFound
-from adistill.recipes.train import TrainResult
+from adistill.store.artifact import WEIGHTS, Artifact, artifact_files, artifact_from_files
 
 
 def tenant_files(backbone: Backbone, tenant_id: str, seed: int, num_labels: int = 3) -> dict[str, bytes]:
     """A published-ready artifact of a tenant with random (non-zero) adapter and head weights."""
     model = random_tenant(backbone, seed=seed, num_labels=num_labels)
-    result = TrainResult(model=model, metrics={"val_accuracy": 0.0})
-    return artifact_files(tenant_id, result, backbone, fast_config(), {"source": f"random:{seed}"})
+    return artifact_files(
+        tenant_id, model, backbone, fast_config(), {"source": f"random:{seed}"}, {"val_accuracy": 0.0}
+    )
 
 
 def corrupted(files: dict[str, bytes]) -> dict[str, bytes]:

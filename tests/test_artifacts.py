@@ -3,15 +3,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_config
+from helpers import fast_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from adistill.artifacts import CONFIG, WEIGHTS, artifact_files, load_artifact, save_artifact
 from adistill.backbone import Backbone, load_backbone
 from adistill.data import read_tenant_data
 from adistill.errors import BackboneMismatch, CorruptArtifact, InvalidTenantId
 from adistill.recipes import train_tenant
 from adistill.recipes.evaluate import predict_probs
+from adistill.store.artifact import CONFIG, WEIGHTS, load_artifact, save_artifact
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +23,13 @@ def trained(tiny: Backbone, tenants_dir: Path, tmp_path_factory: pytest.TempPath
     for name in ("bank", "travel"):
         cfg = fast_config("adapter", epochs=2)
         r = train_tenant(tiny, read_tenant_data(str(tenants_dir / f"{name}.parquet")), cfg)
-        out[name] = save_artifact(artifact_files(name, r, tiny, cfg, {"source": name}), root / name)
+        out[name] = save_artifact(r.files(name, tiny, cfg, {"source": name}), root / name)
         teachers.append(load_artifact(out[name], tiny).as_teacher())
     data = read_tenant_data(str(tenants_dir / "new.parquet"))
     for method in ("adapter", "distill", "fusion", "finetune"):
         cfg = fast_config(method, epochs=2)
         r = train_tenant(tiny, data, cfg, teachers)
-        out[method] = save_artifact(artifact_files("new", r, tiny, cfg, {"source": "new"}), root / method)
+        out[method] = save_artifact(r.files("new", tiny, cfg, {"source": "new"}), root / method)
     return out
 
 
@@ -105,7 +105,7 @@ def test_loading_onto_another_backbone_fails(other_tiny_path: Path, trained: dic
 def test_corrupt_artifacts_are_refused(tiny: Backbone, trained: dict[str, Path], tmp_path: Path, damage: str) -> None:
     import shutil
 
-    from adistill.artifacts import sha256
+    from adistill.store.artifact import sha256
 
     folder = tmp_path / "a"
     shutil.copytree(trained["adapter"], folder)
@@ -139,8 +139,8 @@ def test_bad_tenant_id_and_existing_out_are_refused(tiny: Backbone, tenants_dir:
     r = train_tenant(tiny, read_tenant_data(str(tenants_dir / "bank.parquet")), cfg)
     for bad in ("../x", "a/b", "", "Upper", "x" * 64):
         with pytest.raises(InvalidTenantId):
-            artifact_files(bad, r, tiny, cfg, {})
-    files = artifact_files("ok", r, tiny, cfg, {})
+            r.files(bad, tiny, cfg, {})
+    files = r.files("ok", tiny, cfg, {})
     save_artifact(files, tmp_path / "ok")
     with pytest.raises(FileExistsError):
         save_artifact(files, tmp_path / "ok")

@@ -4,14 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from adistill.cli import main
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from helpers import run_cli
 
 
 def test_train_evaluate_predict(
@@ -19,7 +12,7 @@ def test_train_evaluate_predict(
 ) -> None:
     bb = ["--backbone", str(tiny_path)]
     for name in ("bank", "home"):
-        code, out, _ = run(
+        code, out, _ = run_cli(
             capsys,
             "train",
             "--data",
@@ -35,7 +28,7 @@ def test_train_evaluate_predict(
             *bb,
         )
         assert code == 0 and json.loads(out)["tenant_id"] == name
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys,
         "train",
         "--data",
@@ -65,7 +58,7 @@ def test_train_evaluate_predict(
     assert selection["strategy"] == "similar" and selection["considered"] == 2 and len(selection["chosen"]) == 1
     assert [t["tenant_id"] for t in meta["teachers"]] == selection["chosen"]
     assert meta["data"]["train_examples"] == 20
-    code, out, _ = run(
+    code, out, _ = run_cli(
         capsys,
         "evaluate",
         "--artifact",
@@ -77,7 +70,7 @@ def test_train_evaluate_predict(
         *bb,
     )
     assert code == 0 and json.loads((tmp_path / "e.json").read_text())["split"] == "test"
-    code, out, _ = run(
+    code, out, _ = run_cli(
         capsys, "predict", "--artifact", str(tmp_path / "new"), "--top-k", "2", "pay my bill", "book a flight", *bb
     )
     lines = [json.loads(x) for x in out.splitlines()]
@@ -112,11 +105,11 @@ def test_bad_invocations_exit_nonzero_with_one_line_and_write_nothing(
     for key, value in zip(args[::2], args[1::2]):
         base[key] = value
     argv = ["train", *[x for kv in base.items() for x in kv]]
-    code, _, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_backbone_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, _, err = run(capsys, "predict", "--artifact", str(tmp_path), "--backbone", "bert-base-uncased", "x")
+    code, _, err = run_cli(capsys, "predict", "--artifact", str(tmp_path), "--backbone", "bert-base-uncased", "x")
     assert code == 1 and "not a Hugging Face model folder" in err

@@ -5,7 +5,7 @@ import torch
 from helpers import random_tenant
 
 from adistill.backbone import Backbone
-from adistill.engine import Engine
+from adistill.inference.engine import Engine
 from adistill.recipes.evaluate import predict_probs
 
 WORDS = [

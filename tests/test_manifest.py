@@ -83,14 +83,17 @@ def test_recipe_falls_back_to_a_base_config() -> None:
         ("tenants:\n  - {id: '%s', data: data/bank.parquet}\n" % ("x" * 64), "invalid tenant id"),
         ("tenants:\n  - {data: data/bank.parquet}\n", "invalid tenant id None"),
         ("tenants:\n  - {id: bank}\n", "'data' must be"),
-        ("tenants:\n  - {id: bank, data: data/bank.parquet, shots: 0}\n", "'shots' must be"),
-        ("tenants:\n  - {id: bank, data: data/bank.parquet, shots: true}\n", "'shots' must be"),
-        ("tenants:\n  - {id: bank, data: data/bank.parquet, method: magic}\n", "'method' must be one of"),
+        ("tenants:\n  - {id: bank, data: data/bank.parquet, shots: 0}\n", "shots must be null or >= 1, got 0"),
+        (
+            "tenants:\n  - {id: bank, data: data/bank.parquet, shots: true}\n",
+            "shots must be an integer or null, got True",
+        ),
+        ("tenants:\n  - {id: bank, data: data/bank.parquet, method: magic}\n", "method must be one of"),
         ("tenants:\n  - {id: bank, data: data/bank.parquet, colour: red}\n", "unknown key"),
         ("tenants:\n  - {id: bank, data: data/bank.parquet, config: nope.yaml}\n", "config 'nope.yaml' not found"),
         ("tenants:\n  - {id: bank, data: data/bank.parquet, config: {stage1: {epochs: 0}}}\n", "epochs must be"),
         ("tenants:\n  - {id: bank, data: data/bank.parquet, config: {bogus: 1}}\n", "unknown key"),
-        ("defaults: {method: magic}\ntenants:\n  - {id: bank, data: data/bank.parquet}\n", "'method' must be"),
+        ("defaults: {method: magic}\ntenants:\n  - {id: bank, data: data/bank.parquet}\n", "method must be one of"),
         ("tenants:\n  - just-a-string\n", "expected a mapping"),
     ],
 )
@@ -110,3 +113,31 @@ def test_missing_manifest_file(tmp_path: Path) -> None:
 def test_data_check_can_be_skipped(folder: Path) -> None:
     path = write(folder, "tenants:\n  - {id: later, data: data/not-yet.parquet}\n")
     assert load_manifest(path, check_data=False).tenants[0].data.endswith("not-yet.parquet")
+
+
+@pytest.mark.parametrize(
+    ("entry", "recipe"),
+    [
+        ("shots: true", {"shots": True}),
+        ("shots: 2.0", {"shots": 2.0}),
+        ("shots: 0", {"shots": 0}),
+        ("method: magic", {"method": "magic"}),
+    ],
+)
+def test_manifest_and_recipe_refuse_shots_and_method_with_the_same_words(
+    folder: Path, entry: str, recipe: dict[str, object]
+) -> None:
+    with pytest.raises(ConfigError) as direct:
+        RecipeConfig.from_dict(recipe)
+    path = write(folder, f"tenants:\n  - {{id: bank, data: data/bank.parquet, {entry}}}\n")
+    with pytest.raises(ManifestError) as via_manifest:
+        load_manifest(path)
+    assert str(via_manifest.value) == f"manifest {path}: tenant 'bank': {direct.value}"
+
+
+def test_defaults_shots_are_checked_like_a_tenants_own(folder: Path) -> None:
+    path = write(folder, "defaults: {shots: true}\ntenants:\n  - {id: bank, data: data/bank.parquet}\n")
+    with pytest.raises(ManifestError, match="tenant 'bank': shots must be an integer or null, got True"):
+        load_manifest(path)
+    with pytest.raises(ConfigError, match="shots must be an integer or null, got True"):
+        TenantSpec("a", "/x", shots=True)

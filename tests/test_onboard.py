@@ -10,9 +10,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import fast_config, write_tenant
+from helpers import PYTHON, cli_env, fast_config, free_ports, kill_cli_when, run_cli, write_tenant
 
 from adistill.backbone import Backbone
 from adistill.cli import main
-from adistill.registry import Registry
-
-ROOT = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
+from adistill.store.names import WEIGHTS
+from adistill.store.registry import Registry
 
 
 def recipe_yaml(folder: Path, method: str = "distill", epochs: int = 2) -> Path:
@@ -55,8 +51,7 @@ def s3_args(bucket: Any) -> list[str]:
 def onboard(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[dict[str, Any]], str]:
     """Run `adistill onboard` in-process; (exit code, outcomes from --json, stdout + stderr)."""
     out_json = Path(argv[argv.index("--json") + 1])
-    code = main(["onboard", *argv])
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, "onboard", *argv)
     outcomes = json.loads(out_json.read_text()) if out_json.exists() else []
     return code, outcomes, out + err
 
@@ -65,6 +60,7 @@ def by_id(outcomes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {o["tenant_id"]: o for o in outcomes}
 
 
+@pytest.mark.slow
 def test_onboard_to_s3_then_teachers_bad_tenant_and_skip(
     ray_local: Any,
     s3_moto: Any,
@@ -164,6 +160,7 @@ def test_bad_manifest_fails_before_any_training(
     assert not registry.exists() and not runs.exists()  # nothing was touched, let alone trained
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_without_retraining_published(
     ray_local: Any, tiny_path: Path, tenants_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -177,34 +174,18 @@ def test_killed_driver_resumes_without_retraining_published(
         "--backbone",
         str(tiny_path),
         "--config",
-        str(recipe_yaml(tmp_path, "adapter", epochs=2)),
+        str(recipe_yaml(tmp_path, "adapter", epochs=300)),  # seconds per tenant: the kill lands mid-batch
         "--storage-path",
         str(runs),
-        "--max-concurrent",
+        "--workers",
         "1",
-        "--resources-per-tenant",
+        "--resources-per-worker",
         '{"CPU": 1}',
     ]
-    gcs = ray_local.get_runtime_context().gcs_address
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    driver = subprocess.Popen(
-        [PYTHON, "-m", "adistill", "onboard", *args, "--address", gcs],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     registry = Registry(str(registry_dir))
-    try:
-        deadline = time.monotonic() + 240
-        while not registry.tenants():
-            assert driver.poll() is None, "the driver ended before the first tenant was published"
-            assert time.monotonic() < deadline, "nothing published in time"
-            time.sleep(0.5)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-batch, its Train runs with it
-        driver.wait()
+    gcs = ray_local.get_runtime_context().gcs_address
+    # The driver dies mid-batch, its Train runs with it, once the first tenant is published.
+    kill_cli_when(["onboard", *args], gcs, lambda: bool(registry.tenants()), "first tenant published", 240)
     published = {n: registry.get_files(n) for n in registry.tenants()}
     assert 1 <= len(published) < 3
 
@@ -217,46 +198,103 @@ def test_killed_driver_resumes_without_retraining_published(
     assert {n: registry.get_files(n) for n in published} == published  # and nothing retrained
 
 
-def test_a_lost_progress_board_loses_progress_lines_not_tenants(
-    ray_local: Any, tiny_path: Path, tenants_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_finished_but_unpublished_tenant_is_published_without_training(
+    tiny: Backbone, tiny_path: Path, tenants_dir: Path, tmp_path: Path
 ) -> None:
-    """The actor workers tell their progress to is killed as the batch starts: the tenant still trains and
-    publishes, and the driver neither hangs nor fails it."""
-    import ray
-
+    """A driver that died between a worker finishing a tenant and publishing it: the rerun publishes the finished
+    artifact from the run's checkpoints, with no Ray work at all."""
+    from adistill.data import read_tenant_data
+    from adistill.distributed.onboard import OnboardOptions, onboard_manifest
     from adistill.manifest import load_manifest
-    from adistill.onboard import OnboardOptions, onboard_manifest
+    from adistill.onboard_plan import plan_batch
+    from adistill.recipes import train_tenant
+    from adistill.recipes.tenant import TenantJob, data_record
+    from adistill.store.checkpoints import RunFolder
 
     registry = Registry(str(tmp_path / "registry"))
-    path = manifest(tmp_path, "m.yaml", {"lonely": tenants_dir / "home.parquet"})
-    killed: list[str] = []
-
-    def kill_board(event: Any) -> None:
-        if not killed:
-            for name in ray.util.list_named_actors():
-                if name.startswith("adistill-board-"):
-                    ray.kill(ray.get_actor(name))
-                    killed.append(name)
-
+    loaded = load_manifest(manifest(tmp_path, "m.yaml", {"bank": tenants_dir / "bank.parquet"}))
+    cfg = fast_config("adapter", epochs=1)
+    [plan], _ = plan_batch(loaded, registry, tiny, cfg, None, {}, lambda e: None)
+    data = read_tenant_data(plan.job.data)
+    files = train_tenant(tiny, data, cfg).files(
+        "bank", tiny, cfg, data_record(TenantJob("bank", plan.job.data, cfg), data)
+    )
+    RunFolder(str(tmp_path / "runs"), plan.run_name).write("done", files)
+    events: list[str] = []
     options = OnboardOptions(backbone=str(tiny_path), storage_path=str(tmp_path / "runs"))
-    with caplog.at_level("WARNING"):
-        outcomes = onboard_manifest(
-            load_manifest(path), registry, fast_config("adapter", epochs=1), None, options, kill_board
-        )
-    assert killed, "the board actor was never found"
-    assert [(o.tenant_id, o.status, o.version) for o in outcomes] == [("lonely", "published", 1)], outcomes
-    assert "progress board lost" in caplog.text
-    assert registry.meta("lonely")["method"] == "adapter"
+    [outcome] = onboard_manifest(loaded, registry, cfg, None, options, lambda e: events.append(e.status))
+    assert (outcome.status, outcome.version) == ("published", 1) and "resumed" in events and "running" not in events
+    assert registry.get_files("bank")[WEIGHTS] == files[WEIGHTS]  # the finished weights, not retrained ones
+    assert RunFolder(str(tmp_path / "runs"), plan.run_name).read("done") is None  # checkpoints go once published
+
+
+@pytest.mark.slow
+def test_a_killed_worker_loses_one_tenants_progress_not_the_batch(
+    ray_local: Any, tiny_path: Path, tenants_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the worker process in the middle of a tenant: the tenant goes back to the queue, the group restarts,
+    and every tenant is published exactly once."""
+    from adistill.distributed.onboard import OnboardOptions, onboard_manifest
+    from adistill.manifest import load_manifest
+
+    registry = Registry(str(tmp_path / "registry"))
+    tenants = {n: tenants_dir / f"{n}.parquet" for n in ("bank", "travel", "home")}
+    path = manifest(tmp_path, "m.yaml", tenants)
+    events: list[tuple[str, str]] = []
+    killed: list[int] = []
+
+    def kill_second_tenant(event: Any) -> None:
+        events.append((event.tenant_id, event.status))
+        pid = event.detail.get("pid")
+        if event.status == "reading" and pid and not killed and sum(s == "reading" for _, s in events) == 2:
+            os.kill(int(pid), signal.SIGKILL)
+            killed.append(int(pid))
+
+    options = OnboardOptions(backbone=str(tiny_path), storage_path=str(tmp_path / "runs"), workers=1)
+    cfg = fast_config("distill", epochs=200)  # long enough that the kill lands mid-tenant
+    outcomes = onboard_manifest(load_manifest(path), registry, cfg, None, options, kill_second_tenant)
+    assert killed, "no worker was killed"
+    assert [(o.tenant_id, o.status, o.version) for o in outcomes] == [(n, "published", 1) for n in tenants]
+    assert any(s == "requeued" for _, s in events), events
+    assert all(registry.versions(n) == [1] for n in tenants)  # published exactly once
+
+
+def test_queue_hands_out_each_tenant_once_and_requeues_a_silent_workers_tenant() -> None:
+    """The queue actor's rules, as a plain object: leases, heartbeats, first result wins, attempts bounded."""
+    from adistill.distributed.onboard_worker import DONE, TenantQueue, TenantTask
+
+    tasks = [TenantTask(n, f"/{n}", {}, f"run-{n}", []) for n in ("a", "b")]
+    queue = TenantQueue(tasks, max_attempts=2, lease_s=0.05)
+    first = queue.next("w1")
+    second = queue.next("w2")
+    assert isinstance(first, TenantTask) and isinstance(second, TenantTask) and first.tenant_id != second.tenant_id
+    assert queue.next("w2") is None  # nothing pending, both in flight
+    assert queue.finish("w2", second.tenant_id, {"f": b""}, None, {})
+    time.sleep(0.1)  # w1 falls silent: its tenant goes back to the queue
+    again = queue.next("w3")
+    assert isinstance(again, TenantTask) and again.tenant_id == first.tenant_id
+    assert queue.finish("w3", first.tenant_id, {"f": b""}, None, {})
+    assert not queue.finish("w1", first.tenant_id, {"f": b""}, None, {})  # a late duplicate is ignored
+    assert queue.next("w3") == DONE
+    statuses = [(m.tenant_id, m.status) for m in queue.drain()]
+    assert statuses.count((first.tenant_id, "trained")) == 1 and (first.tenant_id, "requeued") in statuses
+
+    stubborn = TenantQueue([TenantTask("c", "/c", {}, "run-c", [])], max_attempts=1, lease_s=0.0)
+    assert isinstance(stubborn.next("w1"), TenantTask)
+    time.sleep(0.01)
+    assert stubborn.next("w2") == DONE  # its only attempt died with its worker: it fails, it is not retried
+    [message] = stubborn.drain()
+    assert message.status == "failed" and "died" in str(message.error)
 
 
 def test_stage1_checkpoint_resume_matches_a_straight_run(tiny: Backbone, tenants_dir: Path) -> None:
-    """The worker's resume path (stage 1 restored from its checkpoint) gives what `train_tenant` gives."""
+    """The resume path (stage 1 restored from its checkpoint) gives what `train_tenant` gives."""
     import torch
 
     from adistill.data import read_tenant_data
-    from adistill.onboard import train_resumable
     from adistill.recipes import train_tenant
-    from adistill.recipes.train import Teacher
+    from adistill.recipes.resume import train_resumable
+    from adistill.store.artifact import Teacher
 
     cfg = fast_config("distill", epochs=2)
     teacher_data = read_tenant_data(str(tenants_dir / "bank.parquet"))
@@ -264,15 +302,20 @@ def test_stage1_checkpoint_resume_matches_a_straight_run(tiny: Backbone, tenants
     teachers = [Teacher("bank", teacher_model.adapters, 1, "x")]  # type: ignore[arg-type]
     data = read_tenant_data(str(tenants_dir / "new.parquet"))
     saved: dict[str, Any] = {}
-    straight = train_resumable(tiny, data, cfg, teachers, "new", {}, {}, lambda f, fit: saved.update(f=f, fit=fit))
-    resumed = train_resumable(
-        tiny, data, cfg, teachers, "new", saved["f"], {"stage": "stage1", "fit": saved["fit"]}, lambda f, fit: None
-    )
+    straight = train_resumable("new", tiny, data, cfg, teachers, on_stage1=lambda files: saved.update(files))
+    events: list[dict[str, object]] = []
+    resumed = train_resumable("new", tiny, data, cfg, teachers, events.append, saved_stage1=saved)
+    assert events[0] == {"stage": "resumed", "from": "stage1 checkpoint"}
+    assert all(e["stage"] != "stage1" for e in events)  # stage 1 was not trained again
     reference = train_tenant(tiny, data, cfg, teachers)
     for other in (resumed, reference):
         for (name, a), (_, b) in zip(straight.model.state_dict().items(), other.model.state_dict().items()):
             assert torch.allclose(a, b, atol=1e-6), name
         assert other.metrics["validation"] == pytest.approx(straight.metrics["validation"])
+    other_data = read_tenant_data(str(tenants_dir / "home.parquet"))
+    fresh: list[dict[str, object]] = []
+    train_resumable("home", tiny, other_data, cfg, teachers, fresh.append, saved_stage1=saved)
+    assert fresh[0]["stage"] == "stage1"  # another tenant's data: the checkpoint is not used
 
 
 def wait_for_dashboard(port: int, head: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
@@ -291,12 +334,6 @@ def wait_for_dashboard(port: int, head: subprocess.Popen[bytes], log: Path, time
         time.sleep(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_ray_job_submit_with_working_dir(tiny_path: Path, tenants_dir: Path, tmp_path: Path) -> None:
     """A real `ray job submit --working-dir` against a head node this test starts (and stops) itself."""
@@ -305,15 +342,9 @@ def test_ray_job_submit_with_working_dir(tiny_path: Path, tenants_dir: Path, tmp
 
     bin_dir = Path(PYTHON).parent
     temp_dir = Path(tempfile.mkdtemp(prefix="rayt-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_ADDRESS": "",
-    }
-    env.pop("RAY_ADDRESS")
+    gcs_port, dashboard_port, client_port, agent_port, metrics_port, runtime_env_port = free_ports(6)
+    env = cli_env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
     work = tmp_path / "job"
     work.mkdir()
     for name in ("bank", "travel"):
@@ -339,10 +370,10 @@ def test_ray_job_submit_with_working_dir(tiny_path: Path, tenants_dir: Path, tmp
             "--include-dashboard=true",
             f"--temp-dir={temp_dir}",
             "--num-cpus=4",
-            f"--ray-client-server-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
+            f"--ray-client-server-port={client_port}",
+            f"--dashboard-agent-listen-port={agent_port}",
+            f"--metrics-export-port={metrics_port}",
+            f"--runtime-env-agent-port={runtime_env_port}",
         ],
         env=env,
         stdout=head_log,
@@ -405,8 +436,8 @@ def test_ray_job_submit_with_working_dir(tiny_path: Path, tenants_dir: Path, tmp
 
 
 def test_run_names_are_deterministic_and_follow_every_input(tenants_dir: Path) -> None:
-    from adistill.jobs import TenantJob
-    from adistill.onboard import run_name
+    from adistill.onboard_plan import run_name
+    from adistill.recipes.tenant import TenantJob
 
     job = TenantJob("bank", str(tenants_dir / "bank.parquet"), fast_config("distill"))
     name = run_name(job, "fp", (("travel", 1),))
@@ -423,7 +454,7 @@ def test_run_names_are_deterministic_and_follow_every_input(tenants_dir: Path) -
 
 def test_tenant_recipe_precedence() -> None:
     from adistill.manifest import TenantSpec
-    from adistill.onboard import tenant_config
+    from adistill.onboard_plan import tenant_config
 
     base = fast_config("distill")
     assert tenant_config(TenantSpec("a", "/d"), base, None) == base
@@ -437,23 +468,25 @@ def test_tenant_recipe_precedence() -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        {"max_concurrent": 0},
-        {"max_failures": -2},
-        {"resources_per_tenant": {"CPU": 0}},
-        {"resources_per_tenant": {"CPU": "1"}},
-        {"resources_per_tenant": [1]},
+        {"workers": 0},
+        {"workers": True},
+        {"max_failures": -1},
+        {"resources_per_worker": {"CPU": 0}},
+        {"resources_per_worker": {"CPU": "1"}},
+        {"resources_per_worker": {"CPU": True}},
+        {"resources_per_worker": [1]},
     ],
 )
 def test_bad_options_are_refused(changes: dict[str, Any]) -> None:
+    from adistill.distributed.onboard import OnboardOptions
     from adistill.errors import ConfigError
-    from adistill.onboard import OnboardOptions
 
     with pytest.raises(ConfigError):
         OnboardOptions(**changes)
 
 
 def test_summary_table() -> None:
-    from adistill.onboard import TenantOutcome, summary_table
+    from adistill.onboard_plan import TenantOutcome, summary_table
 
     table = summary_table(
         [

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_config
+from helpers import fast_config
 
 from adistill.adapters import AdapterSet
-from adistill.artifacts import artifact_files, load_artifact, save_artifact
 from adistill.backbone import Backbone
 from adistill.config import DistillConfig
 from adistill.data import read_tenant_data
@@ -15,6 +14,7 @@ from adistill.errors import ConfigError
 from adistill.fusion import FusionSet
 from adistill.recipes import train_tenant
 from adistill.recipes.evaluate import predict_probs
+from adistill.store.artifact import load_artifact, save_artifact
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def teacher_dirs(tiny: Backbone, tenants_dir: Path, tmp_path_factory: pytest.Tem
         data = read_tenant_data(str(tenants_dir / f"{name}.parquet"))
         cfg = fast_config("adapter", epochs=4)
         result = train_tenant(tiny, data, cfg)
-        out.append(save_artifact(artifact_files(name, result, tiny, cfg, {"source": name}), root / name))
+        out.append(save_artifact(result.files(name, tiny, cfg, {"source": name}), root / name))
     return out
 
 
@@ -132,7 +132,7 @@ def test_roberta_encoders_train_and_round_trip(
     data = read_tenant_data(str(tenants_dir / "bank.parquet"))
     cfg = fast_config("adapter", epochs=2).replace(adapter=AdapterConfig(kind=kind, reduction_factor=4))  # type: ignore[arg-type]
     result = train_tenant(tiny_roberta, data, cfg)
-    path = save_artifact(artifact_files("bank", result, tiny_roberta, cfg, {}), tmp_path / "bank")
+    path = save_artifact(result.files("bank", tiny_roberta, cfg, {}), tmp_path / "bank")
     loaded = load_artifact(path, tiny_roberta)
     texts = data.test.texts
     assert torch.equal(

@@ -14,14 +14,12 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from conftest import fast_config
-from helpers import random_tenant
+from helpers import fast_config, random_tenant
 
-from adistill.artifacts import CONFIG, WEIGHTS, artifact_files
 from adistill.backbone import Backbone, load_backbone
 from adistill.errors import BackboneMismatch, ConfigError, CorruptArtifact, InvalidTenantId, TenantNotFound
-from adistill.recipes.train import TrainResult
-from adistill.registry import POINTER, Registry, RegistryError
+from adistill.store.artifact import CONFIG, WEIGHTS, artifact_files
+from adistill.store.registry import POINTER, Registry, RegistryError
 
 BACKENDS = ["local", "moto", "seaweed"]
 METRICS = {"test": {"accuracy": 0.75, "examples": 24.0}, "validation": {"accuracy": 0.7, "examples": 18.0}}
@@ -75,7 +73,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 def make_files(tiny: Backbone, tenant_id: str, seed: int, method: str = "adapter") -> dict[str, bytes]:
     """An artifact with random (non-zero) weights: no training needed."""
     model = random_tenant(tiny, seed, method=method)
-    return artifact_files(tenant_id, TrainResult(model, METRICS), tiny, fast_config(method), {"source": "synthetic"})
+    return artifact_files(tenant_id, model, tiny, fast_config(method), {"source": "synthetic"}, METRICS)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import free_port
 from serving_helpers import tenant_files
 
 from adistill.backbone import Backbone, load_backbone
-from adistill.engine import Engine
-from adistill.registry import Registry, version_dir
-from adistill.tenant_cache import module_bytes
+from adistill.inference.engine import Engine
+from adistill.inference.tenant_cache import module_bytes
+from adistill.store.registry import Registry, version_dir
 
 TENANTS = [f"t{i:02d}" for i in range(20)]
 WORDS = [
@@ -31,8 +31,9 @@ WORDS = [
 ]
 TEXTS = [" ".join(random.Random(i).choices(WORDS, k=random.Random(i).randint(1, 12))) for i in range(12)]
 POLL_S = 0.5
-SLACK_S = 2.0  # HTTP round trips and a load on a busy shared 2-core machine
 LIMITS = {"max_texts": 8, "max_body_bytes": 4096, "max_top_k": 5}
+
+pytestmark = pytest.mark.slow  # every test runs against a Ray Serve app
 
 
 def offline(registry: Registry, backbone: Backbone, tenant_id: str, texts: list[str]) -> list[dict[str, Any]]:
@@ -46,12 +47,6 @@ def same(got: dict[str, Any], expected: dict[str, Any]) -> bool:
         g["label"] == e["label"] and abs(g["score"] - e["score"]) <= 1e-4
         for g, e in zip(got["labels"], expected["labels"])
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Service:
@@ -73,7 +68,7 @@ def service(
 ) -> Iterator[Service]:
     from ray import serve
 
-    from adistill.serve import build_app
+    from adistill.distributed.serve import build_app
 
     root = tmp_path_factory.mktemp("serve-registry")
     registry = Registry(str(root))
@@ -122,8 +117,8 @@ def test_predictions_over_http_equal_the_offline_engine(service: Service) -> Non
 def test_predictions_over_http_equal_the_predict_command(
     service: Service, tiny_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from adistill.artifacts import save_artifact
     from adistill.cli import main
+    from adistill.store.artifact import save_artifact
 
     for t in ("t02", "t13"):
         folder = save_artifact(service.registry.get_files(t), tmp_path / t)
@@ -220,27 +215,24 @@ def test_tenant_listing_metadata_and_docs(service: Service) -> None:
     assert {"/v1/tenants/{tenant_id}/predict", "/v1/tenants", "/v1/tenants/{tenant_id}", "/healthz"} <= set(paths)
 
 
-def wait_for(check: Any, timeout: float) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if check():
-            return time.perf_counter() - start
+def wait_for(check: Any, timeout: float) -> None:
+    """Poll `check` until it holds; `timeout` only guards against a hang (no test asserts a wall time)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s"
         time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def test_hot_add_and_republish_without_restart(service: Service, tiny: Backbone) -> None:
     assert service.predict("hot", {"texts": ["pay my bill"]}).status_code == 404
     service.registry.publish("hot", tenant_files(tiny, "hot", seed=60))
-    waited = wait_for(lambda: service.predict("hot", {"texts": ["pay my bill"]}).status_code == 200, 10)
-    assert waited <= POLL_S + SLACK_S
+    wait_for(lambda: service.predict("hot", {"texts": ["pay my bill"]}).status_code == 200, 30)
     [expected] = offline(service.registry, tiny, "hot", [TEXTS[0]])
     assert same(service.predict("hot", {"texts": [TEXTS[0]]}).json()["predictions"][0], expected)
 
     assert service.predict("repub", {"texts": [TEXTS[1]]}).json()["adapter_version"] == 1
     service.registry.publish("repub", tenant_files(tiny, "repub", seed=70, num_labels=4))
-    waited = wait_for(lambda: service.predict("repub", {"texts": [TEXTS[1]]}).json()["adapter_version"] == 2, 10)
-    assert waited <= POLL_S + SLACK_S
+    wait_for(lambda: service.predict("repub", {"texts": [TEXTS[1]]}).json()["adapter_version"] == 2, 30)
     [expected] = offline(service.registry, tiny, "repub", [TEXTS[1]])
     assert same(service.predict("repub", {"texts": [TEXTS[1]]}).json()["predictions"][0], expected)
 

@@ -2,33 +2,53 @@
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from conftest import fast_config
+from helpers import fast_config
 
-from adistill.artifacts import artifact_files, load_artifact, save_artifact
 from adistill.backbone import Backbone
 from adistill.data import read_tenant_data
 from adistill.errors import ConfigError, CorruptArtifact
-from adistill.jobs import TenantJob, data_record
 from adistill.recipes import train_tenant
-from adistill.teachers import (
+from adistill.recipes.tenant import TenantJob, data_record
+from adistill.selection import (
+    ArtifactPool,
     Candidate,
+    RegistryPool,
     SelectionConfig,
     centroid_probe_accuracy,
-    choose,
+    choose_teachers,
     data_embedding,
     make_probe,
     select_teachers,
 )
+from adistill.store.artifact import load_artifact, save_artifact
 
 
 def synthetic(n: int, dim: int = 8, seed: int = 0) -> list[Candidate]:
     g = torch.Generator().manual_seed(seed)
     return [
-        Candidate(f"t{i:04d}", 1, {"data": {"embedding": torch.randn(dim, generator=g).tolist()}}) for i in range(n)
+        Candidate(f"t{i:04d}", 1, {"data": {"embedding": torch.randn(dim, generator=g).tolist()}, "adapter": SHAPE})
+        for i in range(n)
     ]
+
+
+SHAPE = {"kind": "seq_bn", "reduction_factor": 4}  # as fast_config
+
+
+class ListPool:
+    """A fixed list of candidates (no weights): enough for every selector but `probe`."""
+
+    def __init__(self, candidates: list[Candidate]) -> None:
+        self.items = candidates
+
+    def candidates(self) -> list[Candidate]:
+        return self.items
+
+    def load(self, candidate: Candidate) -> Any:
+        raise AssertionError("no weights to load")
 
 
 @pytest.mark.parametrize("strategy", ["random", "similar"])
@@ -80,7 +100,7 @@ def test_probe_selection_on_real_adapters_skips_a_corrupt_candidate(
         job = TenantJob(name, str(tenants_dir / f"{name}.parquet"), fast_config("adapter", epochs=3))
         data = read_tenant_data(job.data)
         result = train_tenant(tiny, data, job.config)
-        files = artifact_files(name, result, tiny, job.config, data_record(job, data, tiny))
+        files = result.files(name, tiny, job.config, data_record(job, data, tiny))
         dirs[name] = save_artifact(files, tmp_path / name)
         candidates.append(Candidate(name, 1, load_artifact(dirs[name], tiny).meta))
     assert len(candidates[0].meta["data"]["embedding"]) == tiny.hidden_size
@@ -102,37 +122,63 @@ def test_probe_selection_on_real_adapters_skips_a_corrupt_candidate(
         load(candidates[2])
 
 
-def test_onboarding_driver_chooses_k_teachers_from_registry_metadata(
+def test_one_entry_point_chooses_k_teachers_from_registry_metadata(
     tiny: Backbone, tenants_dir: Path, tmp_path: Path
 ) -> None:
-    from adistill.onboard import choose_teachers
-    from adistill.registry import Registry
+    from adistill.store.registry import Registry
 
     registry = Registry(str(tmp_path / "registry"))
     for name in ("bank", "travel", "home"):
         job = TenantJob(name, str(tenants_dir / f"{name}.parquet"), fast_config("adapter", epochs=1))
         data = read_tenant_data(job.data)
         result = train_tenant(tiny, data, job.config)
-        registry.publish(name, artifact_files(name, result, tiny, job.config, data_record(job, data, tiny)))
-    published = tuple(registry.teachers(tiny.fingerprint))
-    job = TenantJob("new", str(tenants_dir / "new.parquet"), fast_config("distill"))
-    chosen, lineage = choose_teachers(job, published, registry, tiny, SelectionConfig("similar", k=2), {})
-    assert len(chosen) == 2 and all(v == 1 for _, v in chosen)
+        registry.publish(name, result.files(name, tiny, job.config, data_record(job, data, tiny)))
+    pool = RegistryPool(registry, registry.teachers(tiny.fingerprint), tiny)
+    data = read_tenant_data(str(tenants_dir / "new.parquet"))
+    recipe = fast_config("distill")
+    sel = choose_teachers(pool, "new", tiny, recipe, SelectionConfig(strategy="similar", k=2), data)
+    assert len(sel.pairs) == 2 and all(v == 1 for _, v in sel.pairs)  # published versions, never invented
+    lineage = sel.lineage()
     assert lineage["strategy"] == "similar" and lineage["considered"] == 3 and len(lineage["scores"]) == 2
-    chosen_probe, lineage_probe = choose_teachers(job, published, registry, tiny, SelectionConfig("probe", k=1), {})
-    assert len(chosen_probe) == 1 and lineage_probe["strategy"] == "probe"
+    probe = choose_teachers(pool, "new", tiny, recipe, SelectionConfig(strategy="probe", k=1), data)
+    assert len(probe.chosen) == 1 and probe.strategy == "probe"
     with pytest.raises(ConfigError, match="above the cap"):
-        choose_teachers(job, published, registry, tiny, SelectionConfig("all", max_all=2), {})
+        choose_teachers(pool, "new", tiny, recipe, SelectionConfig(strategy="all", max_all=2), data)
+    # A recipe of another adapter shape is refused in one line naming both shapes, before any training.
+    other = recipe.replace(adapter=recipe.adapter.__class__(reduction_factor=2))
+    with pytest.raises(ConfigError) as refused:
+        choose_teachers(pool, "new", tiny, other, SelectionConfig(strategy="random", k=2), data)
+    message = str(refused.value)
+    assert "seq_bn, reduction 2" in message and "seq_bn, reduction 4" in message and "\n" not in message
+
+
+def test_teachers_of_another_shape_are_dropped_when_others_fit(caplog: pytest.LogCaptureFixture) -> None:
+    odd = Candidate("odd", 3, {"data": {}, "adapter": {"kind": "houlsby", "reduction_factor": 4}})
+    with caplog.at_level(logging.WARNING):
+        sel = choose_teachers(
+            ListPool([*synthetic(3), odd]), "new", None, fast_config("distill"), SelectionConfig(strategy="all")
+        )  # type: ignore[arg-type]
+    assert [c.tenant_id for c in sel.chosen] == ["t0000", "t0001", "t0002"] and "another adapter shape" in caplog.text
+
+
+def test_artifact_pool_refuses_two_versions_of_one_tenant() -> None:
+    a = type("A", (), {"tenant_id": "bank"})()
+    with pytest.raises(ConfigError, match="twice"):
+        ArtifactPool([a, a])  # type: ignore[list-item]
 
 
 def test_choose_needs_the_new_tenants_queries_only_for_data_driven_selectors(tiny: Backbone) -> None:
-    pool = synthetic(5, dim=tiny.hidden_size)
+    from adistill.data import Split, TenantData
+
+    pool = ListPool(synthetic(5, dim=tiny.hidden_size))
+    recipe = fast_config("distill")
     with pytest.raises(ConfigError, match="training queries"):
-        choose(pool, SelectionConfig("similar", k=2), "new", tiny, [], [], lambda c: None)
-    sel = choose(pool, SelectionConfig("random", k=2, seed=1), "new", tiny, [], [], lambda c: None)
+        choose_teachers(pool, "new", tiny, recipe, SelectionConfig(strategy="similar", k=2))
+    sel = choose_teachers(pool, "new", tiny, recipe, SelectionConfig(strategy="random", k=2, seed=1))
     assert len(sel.chosen) == 2
     texts, labels = ["pay my bill", "card declined"], ["a", "b"]
-    sel = choose(pool, SelectionConfig("similar", k=3), "new", tiny, texts, labels, lambda c: None)
+    data = TenantData("inline", Split(texts, labels), Split(), Split())
+    sel = choose_teachers(pool, "new", tiny, recipe, SelectionConfig(strategy="similar", k=3), data)
     assert len(sel.chosen) == 3 and set(sel.scores) == {c.tenant_id for c in sel.chosen}
 
 

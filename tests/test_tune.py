@@ -12,17 +12,16 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import fast_config
+from helpers import ROOT, fast_config, kill_cli_when, run_cli
 
 from adistill.backbone import Backbone
 from adistill.cli import main
 from adistill.config import RecipeConfig
 from adistill.errors import ConfigError
-from adistill.jobs import TenantJob, run_job
-from adistill.registry import Registry
+from adistill.recipes.tenant import TenantJob, run_job
+from adistill.store.registry import Registry
 from adistill.tune_space import load_space, space_from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_spaces" / "smoke.yaml"
 
 
@@ -155,6 +154,27 @@ def smoke_argv(manifest: Path, registry: str, tiny_path: Path, tmp_path: Path) -
     ]
 
 
+def test_a_recipe_of_another_adapter_shape_is_refused_before_ray(
+    registry_with_teachers: str,
+    tune_manifest: Path,
+    tiny_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Teachers of reduction 4, a recipe of reduction 2: one line naming both shapes, and no Ray run started."""
+    space = write_space(
+        tmp_path, {"params": {"distill.alpha": {"uniform": [0, 1]}}, "fixed": {"adapter": {"reduction_factor": 2}}}
+    )
+    argv = smoke_argv(tune_manifest, registry_with_teachers, tiny_path, tmp_path)
+    argv[argv.index(str(SMOKE))] = str(space)
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "reduction 2" in err[0] and "reduction 4" in err[0] and "differs from the teachers'" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
 def test_smoke_search_finds_a_best_config_inside_the_space_and_saves_a_recipe(
     ray_local: Any,
     registry_with_teachers: str,
@@ -171,8 +191,8 @@ def test_smoke_search_finds_a_best_config_inside_the_space_and_saves_a_recipe(
         "--teacher-k",
         "1",
     ]
-    code = main(argv)
-    text = "".join(capsys.readouterr())
+    code, stdout, stderr = run_cli(capsys, *argv)
+    text = stdout + stderr
     assert code == 0, text
     report = json.loads(out.read_text())
     space = load_space(SMOKE)
@@ -196,14 +216,15 @@ def test_smoke_search_finds_a_best_config_inside_the_space_and_saves_a_recipe(
     assert cfg.stage2.lr == best["lr"] and cfg.adapter.reduction_factor == 4  # `fixed` carried over
 
     # Same command again: the deterministic name resumes the finished experiment; nothing is retrained.
-    code = main(argv)
-    text = "".join(capsys.readouterr())
+    code, stdout, stderr = run_cli(capsys, *argv)
+    text = stdout + stderr
     assert code == 0, text
     again = json.loads(out.read_text())
     assert again["name"] == report["name"] and again["best_params"] == report["best_params"]
     assert "resuming" in text and "reused" in text
 
 
+@pytest.mark.slow
 def test_asha_stops_trials_in_a_bad_region(
     ray_local: Any,
     registry_with_teachers: str,
@@ -211,8 +232,8 @@ def test_asha_stops_trials_in_a_bad_region(
     tiny_path: Path,
     tmp_path: Path,
 ) -> None:
+    from adistill.distributed.tune import TuneOptions, tune_tenants
     from adistill.manifest import load_manifest
-    from adistill.search import TuneOptions, tune_tenants
 
     # Stage 1 learns little (1 epoch); stage 2 learns at lr 0.05 and not at all at lr 1e-7.
     space = space_from_dict(
@@ -249,12 +270,7 @@ def test_asha_stops_trials_in_a_bad_region(
     assert outcome.best_metric > max(t.val_accuracy or 0 for t in stopped)
 
 
-def test_search_module_names_artifact_files_as_artifacts_does() -> None:
-    from adistill import artifacts, search
-
-    assert (search.WEIGHTS, search.CONFIG) == (artifacts.WEIGHTS, artifacts.CONFIG)
-
-
+@pytest.mark.slow
 def test_a_killed_search_resumes_and_finishes_with_every_trial(
     ray_local: Any,
     registry_with_teachers: str,
@@ -265,40 +281,22 @@ def test_a_killed_search_resumes_and_finishes_with_every_trial(
 ) -> None:
     """The driver of a search is killed once its first trial reported; the same command resumes the experiment
     (Tuner.restore), reuses stage 1 and ends with all the asked trials."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     runs = tmp_path / "runs"
     argv = [
         *smoke_argv(tune_manifest, registry_with_teachers, tiny_path, tmp_path),
         *["--name", "interrupted", "--samples", "4", "--max-concurrent", "1", "--scheduler", "fifo"],
     ]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     gcs = ray_local.get_runtime_context().gcs_address
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "adistill", *argv, "--address", gcs],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 480  # generous: a loaded 2-core machine starts Ray actors slowly
-        while not any(p.stat().st_size for p in (runs / "interrupted").glob("*/result.json")):
-            assert driver.poll() is None, "the search ended before any trial reported"
-            assert time.monotonic() < deadline, "no trial reported in time"
-            time.sleep(0.5)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-search, its trials with it
-        driver.wait()
+
+    def reported() -> bool:
+        return any(p.stat().st_size for p in (runs / "interrupted").glob("*/result.json"))
+
+    # The driver dies mid-search, its trials with it; generous timeout: a loaded 2-core machine starts actors slowly.
+    kill_cli_when(argv, gcs, reported, "trial report", 480)
     assert not (tmp_path / "tune.json").exists()
 
-    code = main(argv)
-    text = "".join(capsys.readouterr())
+    code, stdout, stderr = run_cli(capsys, *argv)
+    text = stdout + stderr
     assert code == 0, text
     assert "resuming" in text and "reused" in text  # Tuner.restore, and stage 1 read back, not retrained
     report = json.loads((tmp_path / "tune.json").read_text())

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from adistill.adapters import AdapterSet
 from adistill.backbone import Backbone
 from adistill.config import RecipeConfig
 from adistill.data import TenantData
@@ -17,21 +16,9 @@ from adistill.recipes.evaluate import calibrate, evaluate
 from adistill.recipes.loop import FitResult, Progress
 from adistill.recipes.stage1 import train_adapter
 from adistill.recipes.stage2 import distill
+from adistill.store.artifact import Teacher, artifact_files
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Teacher:
-    """A frozen adapter of an earlier tenant, with the identity recorded in the new tenant's lineage."""
-
-    tenant_id: str
-    adapters: AdapterSet
-    version: int | None = None
-    sha256: str | None = None
-
-    def lineage(self) -> dict[str, Any]:
-        return {"tenant_id": self.tenant_id, "version": self.version, "sha256": self.sha256}
 
 
 @dataclass
@@ -40,6 +27,18 @@ class TrainResult:
     metrics: dict[str, Any]
     stages: dict[str, FitResult] = field(default_factory=dict)
     teachers: list[Teacher] = field(default_factory=list)
+
+    def files(
+        self,
+        tenant_id: str,
+        backbone: Backbone,
+        cfg: RecipeConfig,
+        data: dict[str, Any],
+        version: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, bytes]:
+        """This result as artifact files (`adistill.store.artifact.artifact_files`)."""
+        return artifact_files(tenant_id, self.model, backbone, cfg, data, self.metrics, self.teachers, version, extra)
 
 
 def train_tenant(

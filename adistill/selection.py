@@ -20,18 +20,19 @@ import logging
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
 from adistill.backbone import Backbone
-from adistill.config import TEACHER_STRATEGIES
+from adistill.config import TEACHER_STRATEGIES, AdapterConfig, Config, RecipeConfig, at_least, require
 from adistill.errors import AdistillError, ConfigError
 from adistill.model import Encoded
+from adistill.store.artifact import Artifact, Teacher
 
 if TYPE_CHECKING:
     from adistill.data import TenantData
-    from adistill.registry import Registry
+    from adistill.store.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,18 @@ STRATEGIES: tuple[str, ...] = TEACHER_STRATEGIES
 
 
 @dataclass(frozen=True)
-class SelectionConfig:
+class SelectionConfig(Config):
+    """How teachers are chosen: `strategy`, `k` of them (`all`: up to `max_all`), `probe` ranks `probe_pool` x k."""
+
     strategy: Strategy = "similar"
     k: int = 10
     max_all: int = 32
     probe_pool: int = 3
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"teacher selection must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ConfigError(f"teacher selection k must be >= 1, got {self.k!r}")
-        if self.max_all < 1 or self.probe_pool < 1:
-            raise ConfigError("max_all and probe_pool must be >= 1")
+    def check(self) -> None:
+        require(self.k >= 1, f"teacher selection k must be >= 1, got {self.k!r}")
+        at_least(self, 1, "max_all", "probe_pool")
 
     @property
     def uses_data(self) -> bool:
@@ -68,6 +67,10 @@ class Candidate:
     tenant_id: str
     version: int | None
     meta: dict[str, Any]
+
+    @property
+    def adapter(self) -> dict[str, Any]:
+        return dict(self.meta.get("adapter") or {})
 
     @property
     def embedding(self) -> torch.Tensor | None:
@@ -91,6 +94,11 @@ class Selection:
             "chosen": [c.tenant_id for c in self.chosen],
             "scores": {t: round(s, 6) for t, s in self.scores.items()},
         }
+
+    @property
+    def pairs(self) -> tuple[tuple[str, int | None], ...]:
+        """The chosen (tenant id, version) pairs; a version is None only for an unpublished artifact folder."""
+        return tuple((c.tenant_id, c.version) for c in self.chosen)
 
 
 # A probe scores candidates on the new tenant's data: {tenant_id: score}, higher is better.
@@ -131,51 +139,97 @@ def select_teachers(
     return Selection("probe", cfg.k, chosen, {c.tenant_id: scores[c.tenant_id] for c in chosen}, len(pool))
 
 
-def choose(
-    candidates: list[Candidate],
-    cfg: SelectionConfig,
-    tenant_id: str | None,
-    backbone: Backbone,
-    texts: list[str],
-    labels: list[str],
-    load: Callable[[Candidate], Any],
-    max_length: int = 32,
-) -> Selection:
-    """`select_teachers` for a new tenant given its training data: computes its data embedding (`similar`,
-    `probe`) and the probe (`probe`, which loads the shortlist's adapters with `load`) only when needed."""
-    embedding, probe = None, None
-    if cfg.uses_data:
-        if not texts:
-            raise ConfigError(f"teacher selection {cfg.strategy!r} needs the new tenant's training queries")
-        embedding = torch.tensor(data_embedding(backbone, texts, max_length))
-    if cfg.strategy == "probe":
-        probe = make_probe(backbone, texts, labels, load, max_length)
-    return select_teachers(candidates, cfg, tenant_id, embedding, probe)
+class TeacherPool(Protocol):
+    """Where candidates come from: the registry (onboard, tune) or artifact folders (`train --teachers`)."""
+
+    def candidates(self) -> list[Candidate]: ...
+
+    def load(self, candidate: Candidate) -> Teacher: ...
 
 
-def choose_from_registry(
-    registry: Registry,
-    published: Iterable[tuple[str, int]],
+class RegistryPool:
+    """Published (tenant id, version) pairs; ranking reads their metadata only, weights load on demand. A candidate
+    whose metadata is unreadable is skipped with a warning."""
+
+    def __init__(self, registry: Registry, published: Iterable[tuple[str, int]], backbone: Backbone) -> None:
+        self.registry, self.published, self.backbone = registry, list(published), backbone
+
+    def candidates(self) -> list[Candidate]:
+        out = []
+        for tenant, version in self.published:
+            try:
+                out.append(Candidate(tenant, version, self.registry.meta(tenant, version)))
+            except AdistillError as exc:
+                log.warning("teacher candidate %s v%s skipped: %s", tenant, version, exc)
+        return out
+
+    def load(self, candidate: Candidate) -> Teacher:
+        return self.registry.get(candidate.tenant_id, self.backbone, candidate.version).as_teacher()
+
+
+class ArtifactPool:
+    """Artifacts already loaded (e.g. folders given to `adistill train --teachers`), one per tenant."""
+
+    def __init__(self, artifacts: Iterable[Artifact]) -> None:
+        self.by_id: dict[str, Artifact] = {}
+        for artifact in artifacts:
+            if artifact.tenant_id in self.by_id:
+                raise ConfigError(f"teachers list tenant {artifact.tenant_id!r} twice; give one version per tenant")
+            self.by_id[artifact.tenant_id] = artifact
+
+    def candidates(self) -> list[Candidate]:
+        return [Candidate(a.tenant_id, a.version, a.meta) for a in self.by_id.values()]
+
+    def load(self, candidate: Candidate) -> Teacher:
+        return self.by_id[candidate.tenant_id].as_teacher()
+
+
+def adapter_shape(adapter: AdapterConfig | dict[str, Any]) -> str:
+    """An adapter shape as people read it: `seq_bn, reduction 16`."""
+    if isinstance(adapter, AdapterConfig):
+        return f"{adapter.kind}, reduction {adapter.reduction_factor}"
+    return f"{adapter.get('kind')}, reduction {adapter.get('reduction_factor')}"
+
+
+def compatible(candidates: list[Candidate], recipe: RecipeConfig) -> list[Candidate]:
+    """The candidates whose adapter shape is the recipe's (stage 2 fuses adapters of one shape). Others are dropped
+    with a warning; when there were candidates and none fits, the recipe is refused in one line naming both shapes."""
+    want = (recipe.adapter.kind, recipe.adapter.reduction_factor)
+    fits = [c for c in candidates if (c.adapter.get("kind"), c.adapter.get("reduction_factor")) == want]
+    if candidates and not fits:
+        shapes = sorted({adapter_shape(c.adapter) for c in candidates})
+        raise ConfigError(
+            f"the recipe's adapter ({adapter_shape(recipe.adapter)}) differs from the teachers' "
+            f"({'; '.join(shapes)}): stage 2 needs teachers of the same shape; set adapter in the recipe to match"
+        )
+    if len(fits) < len(candidates):
+        dropped = [c.tenant_id for c in candidates if c not in fits]
+        log.warning("%d teacher candidate(s) of another adapter shape skipped: %s", len(dropped), dropped)
+    return fits
+
+
+def choose_teachers(
+    pool: TeacherPool,
     tenant_id: str,
     backbone: Backbone,
+    recipe: RecipeConfig,
     cfg: SelectionConfig,
-    data: TenantData | None,
-    max_length: int = 32,
+    data: TenantData | None = None,
 ) -> Selection:
-    """`choose` among published (tenant id, version) pairs: ranking reads their metadata only; a candidate whose
-    metadata is unreadable is skipped with a warning. `data` (the new tenant's) may be None for `all`/`random`."""
-    candidates = []
-    for tenant, version in published:
-        try:
-            candidates.append(Candidate(tenant, version, registry.meta(tenant, version)))
-        except AdistillError as exc:
-            log.warning("teacher candidate %s v%s skipped: %s", tenant, version, exc)
-
-    def load(c: Candidate) -> Any:
-        return registry.get(c.tenant_id, backbone, c.version).as_teacher().adapters
-
-    texts, labels = (data.train.texts, data.train.labels) if data is not None else ([], [])
-    return choose(candidates, cfg, tenant_id, backbone, texts, labels, load, max_length)
+    """The one entry point (`train`, `onboard`, `tune`): at most `cfg.k` teachers of the recipe's adapter shape for
+    `tenant_id`, chosen by `cfg.strategy`. `data` (the new tenant's) is needed by `similar` and `probe` only; the
+    data embedding and the probe (which loads the shortlist's weights) are computed only when needed."""
+    candidates = compatible(pool.candidates(), recipe)
+    embedding, probe = None, None
+    if cfg.uses_data:
+        if data is None or not data.train.texts:
+            raise ConfigError(f"teacher selection {cfg.strategy!r} needs the new tenant's training queries")
+        embedding = torch.tensor(data_embedding(backbone, data.train.texts, recipe.max_length))
+        if cfg.strategy == "probe":
+            probe = make_probe(
+                backbone, data.train.texts, data.train.labels, lambda c: pool.load(c).adapters, recipe.max_length
+            )
+    return select_teachers(candidates, cfg, tenant_id, embedding, probe)
 
 
 def rank_by_similarity(pool: list[Candidate], embedding: torch.Tensor) -> list[tuple[Candidate, float]]:

@@ -29,10 +29,10 @@ from typing import Any, Protocol, TypeVar
 
 from torch import nn
 
-from adistill.artifacts import Artifact
 from adistill.backbone import Backbone
 from adistill.errors import BackboneMismatch, CorruptArtifact, TenantNotFound
 from adistill.model import TenantModel
+from adistill.store.artifact import Artifact
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ REFUSED = (CorruptArtifact, BackboneMismatch)
 
 
 class TenantSource(Protocol):
-    """What the cache needs from a registry (`adistill.registry.Registry` fits)."""
+    """What the cache needs from a registry (`adistill.store.registry.Registry` fits)."""
 
     def latest_version(self, tenant_id: str) -> int | None: ...
 

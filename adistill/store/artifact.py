@@ -1,7 +1,8 @@
 """A tenant artifact on disk: `adapter.safetensors` + `adapter_config.json` (shape, lineage, checksums).
 
 Artifacts are handled as `{file name: bytes}` so that a local folder and the registry (any fsspec store)
-share one encoder/decoder; `save_artifact`/`load_artifact` add the local-folder part.
+share one encoder/decoder; `save_artifact`/`load_artifact` add the local-folder part. The file names live in
+`adistill.store.names` (importable without torch).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +30,25 @@ from adistill.errors import BackboneMismatch, CorruptArtifact
 from adistill.fusion import FusionSet
 from adistill.heads import Head
 from adistill.model import TenantModel
-from adistill.recipes.train import Teacher, TrainResult
+from adistill.store.names import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS
 from adistill.tenant_id import validate_tenant_id
-
-FORMAT = "adistill-adapter"
-FORMAT_VERSION = 1
-WEIGHTS = "adapter.safetensors"
-CONFIG = "adapter_config.json"
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A frozen adapter of an earlier tenant, with the identity recorded in the new tenant's lineage."""
+
+    tenant_id: str
+    adapters: AdapterSet
+    version: int | None = None
+    sha256: str | None = None
+
+    def lineage(self) -> dict[str, Any]:
+        return {"tenant_id": self.tenant_id, "version": self.version, "sha256": self.sha256}
 
 
 @dataclass
@@ -84,18 +94,21 @@ def added_parameters(model: TenantModel) -> int:
 
 def artifact_files(
     tenant_id: str,
-    result: TrainResult,
+    model: TenantModel,
     backbone: Backbone,
     cfg: RecipeConfig,
     data: dict[str, Any],
+    metrics: dict[str, Any],
+    teachers: Iterable[Teacher] = (),
     version: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, bytes]:
     """Serialise a trained tenant. Only the inference path is saved: no training-only fusion or teachers.
 
-    `extra` adds top-level metadata (e.g. `teacher_selection`, how the teachers were chosen)."""
+    `data` is what the artifact records about its training data, `teachers` its lineage, `extra` more top-level
+    metadata (e.g. `teacher_selection`, how the teachers were chosen)."""
     validate_tenant_id(tenant_id)
-    model = result.model
+    teachers = list(teachers)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     weights = st_save(tensors, metadata={"format": FORMAT, "tenant_id": tenant_id})
     meta: dict[str, Any] = {
@@ -119,7 +132,7 @@ def artifact_files(
         "fusion": (
             {
                 "num_adapters": len(model.adapters.adapters),
-                "members": [t.lineage() for t in result.teachers] + ["self"],
+                "members": [t.lineage() for t in teachers] + ["self"],
             }
             if isinstance(model.adapters, FusionSet)
             else None
@@ -130,9 +143,9 @@ def artifact_files(
             "parameters": backbone.num_parameters,
         },
         "hyperparameters": cfg.to_dict(),
-        "teachers": [t.lineage() for t in result.teachers],
+        "teachers": [t.lineage() for t in teachers],
         "data": data,
-        "metrics": result.metrics,
+        "metrics": metrics,
         "parameters": {
             "added": added_parameters(model),
             "percent_of_backbone": round(100 * added_parameters(model) / backbone.num_parameters, 3),

@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adistill.artifacts import artifact_files
 from adistill.backbone import Backbone
 from adistill.config import RecipeConfig
 from adistill.data import TenantData, few_shot, read_tenant_data
 from adistill.recipes import TrainResult, train_tenant
 from adistill.recipes.loop import Progress
 from adistill.recipes.train import Teacher
-from adistill.teachers import data_embedding
+from adistill.selection import data_embedding
 from adistill.tenant_id import validate_tenant_id
 
 
@@ -59,4 +58,4 @@ def run_job(
     data = data if data is not None else load_job_data(job, storage_options)
     result = train_tenant(backbone, data, job.config, teachers, progress)
     record = data_record(job, data, backbone)
-    return artifact_files(job.tenant_id, result, backbone, job.config, record, version, extra=extra), result
+    return result.files(job.tenant_id, backbone, job.config, record, version, extra=extra), result

@@ -8,19 +8,19 @@ Two deployments:
   `@serve.batch`, so rows of *different* tenants share one encoder forward. `@serve.multiplexed` is not used: it
   splits every batch by model id (docs/serving.md, "Replica affinity").
 
-Build the application with `build_app(args)` (`serve run adistill.serve:build_app registry=./registry` or a config
+Build the application with `build_app(args)` (`serve run adistill.distributed.serve:build_app registry=./registry` or a
 file under serve_apps/); `args` becomes a frozen `ServeConfig` once, here at the edge.
 
 No `from __future__ import annotations` here: FastAPI and Serve read the route signatures at runtime.
 """
 
 import asyncio
-import dataclasses
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,107 +31,19 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adistill.distributed.common import ensure_ray
 from adistill.errors import (
     AdistillError,
     BackboneMismatch,
-    ConfigError,
     CorruptArtifact,
     InvalidTenantId,
     TenantNotFound,
 )
-from adistill.tenant_cache import LoadedTenant
+from adistill.inference.serve_config import ServeConfig
+from adistill.inference.tenant_cache import LoadedTenant
 from adistill.tenant_id import validate_tenant_id
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything the application reads; `build_app` args and `adistill serve` flags become this once."""
-
-    registry: str  # fsspec URI of the registry: ./registry, file:///..., s3://bucket/prefix
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (s3: key, secret, client_kwargs)
-    backbone: str | None = None  # HF folder, s3:// URI or all-MiniLM-L6-v2 (default); must match the artifacts
-    device: str = "auto"  # "auto" (cuda if the replica has a GPU), "cpu", "cuda", "cuda:1"...
-    max_batch_size: int = 32  # rows (texts) per encoder forward
-    batch_wait_timeout_s: float = 0.005  # how long a partial batch waits for more rows
-    cache_bytes: int = 512 * 2**20  # loaded tenants per replica (host memory), bytes
-    bank_slots: int = 256  # tenants per device-side adapter bank
-    bank_bytes: int | None = None  # optional cap on each bank's device bytes (fewer slots if smaller)
-    poll_interval_s: float = 5.0  # how often cached tenants' registry pointers are read
-    load_workers: int = 4  # threads loading artifacts off the event loop
-    max_texts: int = 64  # texts per request, else 413
-    max_body_bytes: int = 256 * 1024  # request body, else 413
-    max_top_k: int = 20  # top_k in [1, max_top_k], else 422
-    replicas: int = 1  # encoder replicas (ignored when autoscaling_config is set)
-    autoscaling_config: dict[str, Any] | None = None  # Serve autoscaling for the encoder group
-    max_ongoing_requests: int | None = None  # per encoder replica; default 4 x max_batch_size
-    ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1})  # encoder replicas
-    ingress_replicas: int = 1
-    ingress_ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0.1})
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        def positive_int(name: str, minimum: int = 1) -> None:
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-                f"serve config: {name} must be an integer >= {minimum}, got {value!r}",
-            )
-
-        check(isinstance(self.registry, str) and bool(self.registry.strip()), "serve config: registry is required")
-        check(isinstance(self.storage_options, dict), "serve config: storage_options must be a mapping")
-        for name in ("max_batch_size", "cache_bytes", "bank_slots", "load_workers", "max_texts", "max_body_bytes"):
-            positive_int(name)
-        positive_int("max_top_k")
-        positive_int("replicas")
-        positive_int("ingress_replicas")
-        if self.bank_bytes is not None:
-            positive_int("bank_bytes")
-        if self.max_ongoing_requests is not None:
-            positive_int("max_ongoing_requests", self.max_batch_size)
-        for name in ("batch_wait_timeout_s", "poll_interval_s"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
-                f"serve config: {name} must be a number >= 0, got {value!r}",
-            )
-        check(self.poll_interval_s > 0, f"serve config: poll_interval_s must be > 0, got {self.poll_interval_s!r}")
-        check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            f"serve config: device must be auto, cpu or cuda[:N], got {self.device!r}",
-        )
-        check(
-            self.autoscaling_config is None or isinstance(self.autoscaling_config, dict),
-            "serve config: autoscaling_config must be a mapping",
-        )
-
-    @classmethod
-    def from_dict(cls, args: Mapping[str, Any]) -> "ServeConfig":
-        """Build from a plain mapping (a Serve config file's `args`); unknown keys are an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ConfigError(f"serve config: unknown key(s) {unknown}; known: {sorted(known)}")
-        if "registry" not in args:
-            raise ConfigError("serve config: 'registry' (the registry URI) is required")
-        values = dict(args)
-        for name in ("storage_options", "ray_actor_options", "ingress_ray_actor_options"):
-            if values.get(name) is None:
-                values.pop(name, None)
-        return cls(**values)
-
-    @property
-    def ongoing_requests(self) -> int:
-        return self.max_ongoing_requests or 4 * self.max_batch_size
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -157,9 +69,9 @@ class EncoderGroup:
         import torch
 
         from adistill.backbone import load_backbone
-        from adistill.engine import Engine
-        from adistill.registry import Registry
-        from adistill.tenant_cache import TenantCache
+        from adistill.inference.engine import Engine
+        from adistill.inference.tenant_cache import TenantCache
+        from adistill.store.registry import Registry
 
         device = config.device
         if device == "auto":
@@ -334,7 +246,7 @@ class Ingress:
     """HTTP in front of the encoder group. Registry listings are read here; predictions go to the group."""
 
     def __init__(self, encoder: DeploymentHandle, config: ServeConfig) -> None:
-        from adistill.registry import Registry
+        from adistill.store.registry import Registry
 
         self.encoder = encoder
         self.config = config
@@ -441,7 +353,7 @@ def build(config: ServeConfig) -> serve.Application:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for `serve run adistill.serve:build_app KEY=VALUE...` and serve_apps/*.yaml."""
+    """Application builder for `serve run adistill.distributed.serve:build_app KEY=VALUE...` and serve_apps/*.yaml."""
     return build(ServeConfig.from_dict(args))
 
 
@@ -459,12 +371,9 @@ def run_until_interrupted(
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    started_ray = False
-    if not ray.is_initialized():
-        if address is None:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance (STACK-NOTES)
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
-        started_ray = True
+    if address is None and not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance (STACK-NOTES)
+    started_ray = ensure_ray(address)
     previous = None
     if threading.current_thread() is threading.main_thread():
         # after ray.init, which installs its own SIGTERM handler (log + abort): a stop cleans up like Ctrl-C
@@ -488,3 +397,15 @@ def run_until_interrupted(
 
 
 APP_NAME = "adistill"
+
+
+@contextlib.contextmanager
+def serving(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> Iterator[str]:
+    """Serve `config` on the Ray this process is connected to while the block runs (yields the base URL), then shut
+    Serve down: what the demo and tests use."""
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(build(config), name=APP_NAME, route_prefix="/")
+        yield f"http://{host}:{port}"
+    finally:
+        serve.shutdown()

@@ -1,0 +1,53 @@
+"""`adistill serve` (every tenant of a registry over HTTP, Ray Serve) and `adistill demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from adistill.cli.common import add_storage_args, storage_options
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adistill.distributed.serve import ServeConfig, run_until_interrupted
+
+    changes: dict[str, Any] = {"registry": args.registry, "storage_options": storage_options(args)}
+    for name in ("backbone", "replicas", "max_batch_size", "cache_bytes", "poll_interval_s"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    config = ServeConfig.from_dict(changes)
+    sys.stderr.write(f"adistill serve: http://{args.host}:{args.port} (docs at /docs); Ctrl-C to stop\n")
+    try:
+        run_until_interrupted(config, args.host, args.port, args.address)
+    except KeyboardInterrupt:
+        sys.stderr.write("adistill serve: stopped\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from adistill.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, echo=lambda line: sys.stdout.write(line + "\n"))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """`demo` and `serve` on the `adistill` subparsers."""
+    p = sub.add_parser("demo", help="the main job on embedded defaults (CLINC150 + all-MiniLM-L6-v2)")
+    p.add_argument("--out", default="demo-out", help="working folder (artifacts, report)")
+    p.add_argument("--quick", action="store_true", help="a smaller run (fewer teachers and epochs)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve every tenant of a registry over HTTP (Ray Serve) until Ctrl-C")
+    p.add_argument("--registry", required=True, help="registry URI: folder, file://, s3://bucket/prefix")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=None, help="encoder replicas (default 1)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: a local instance")
+    p.add_argument("--max-batch-size", type=int, default=None, help="rows per encoder forward (default 32)")
+    p.add_argument("--cache-bytes", type=int, default=None, help="loaded tenants per replica, bytes")
+    p.add_argument("--poll-interval-s", type=float, default=None, help="registry poll for new versions (5 s)")
+    add_storage_args(p)
+    p.set_defaults(func=cmd_serve)
