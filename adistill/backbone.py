@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import fsspec
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from adistill.errors import ConfigError
 
@@ -105,13 +108,26 @@ def load_backbone(
 ) -> Backbone:
     """Load the frozen encoder named by `spec` (default: the packaged all-MiniLM-L6-v2)."""
     name, path = resolve_backbone_path(spec, storage_options)
-    model = AutoModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    with _quiet_transformers():
+        model = AutoModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     check_supported(model)
     model.eval().requires_grad_(False).to(device)
     backbone = Backbone(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model))
     log.info("loaded backbone %s from %s (fingerprint %s)", name, path, backbone.fingerprint[:12])
     return backbone
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off while the backbone loads: its LOAD REPORT lists the checkpoint's pooler and
+    other heads as UNEXPECTED keys, which is expected here (only the encoder is used). Errors still raise."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def check_supported(model: torch.nn.Module) -> None:

@@ -288,6 +288,10 @@ class AdapterConfig(Config):
     def bottleneck(self, hidden_size: int) -> int:
         return max(1, hidden_size // self.reduction_factor)
 
+    def __str__(self) -> str:
+        """As people read it (and as JSON keys show it, e.g. /metrics' adapter banks): `seq_bn, reduction 16`."""
+        return f"{self.kind}, reduction {self.reduction_factor}"
+
 
 @dataclass(frozen=True)
 class TrainConfig(Config):

@@ -1,7 +1,8 @@
 """Tenant data: read (parquet/csv/jsonl, local or s3://), validate, few-shot sample, fingerprint.
 
-A tenant's data is one file with `text` and `label` columns (and optionally `split`), or a folder holding
-`train.*`, `validation.*` and `test.*`. The label `oos` marks out-of-scope queries: they never become a
+A tenant's data is one file with a text and a label column (`text` and `label` unless mapped with
+`text_column` / `label_column`, the CLI's `--text-column` / `--label-column`) and optionally `split`, or a folder
+holding `train.*`, `validation.*` and `test.*`. The label `oos` marks out-of-scope queries: they never become a
 class, and in validation/test they calibrate and measure the out-of-scope threshold.
 """
 
@@ -29,6 +30,7 @@ OOS_LABEL = "oos"
 SPLITS = ("train", "validation", "test")
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 VALIDATION_FRACTION = 0.1
+TEXT_COLUMN, LABEL_COLUMN = "text", "label"
 
 
 @dataclass
@@ -69,8 +71,16 @@ class TenantData:
         return digest.hexdigest()
 
 
-def read_tenant_data(uri: str, storage_options: dict[str, Any] | None = None, seed: int = 0) -> TenantData:
-    """Read and validate one tenant's data from a file or folder (local path or fsspec URI)."""
+def read_tenant_data(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    seed: int = 0,
+    text_column: str = TEXT_COLUMN,
+    label_column: str = LABEL_COLUMN,
+) -> TenantData:
+    """Read and validate one tenant's data from a file or folder (local path or fsspec URI); `text_column` and
+    `label_column` name the columns holding the queries and their labels."""
+    columns = _columns(text_column, label_column)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         is_dir = fs.isdir(path)
@@ -86,11 +96,11 @@ def read_tenant_data(uri: str, storage_options: dict[str, Any] | None = None, se
             if len(found) > 1:
                 raise DataError(f"{uri}: several files for split {name!r}: {sorted(found)}")
             if found:
-                splits[name] = _to_split(_read_table(fs, found[0]), found[0], expect_split=False)["train"]
+                splits[name] = _to_split(_read_table(fs, found[0]), found[0], columns, expect_split=False)["train"]
         if "train" not in splits:
             raise DataError(f"{uri}: folder holds no train.parquet, train.csv or train.jsonl")
     else:
-        splits = _to_split(_read_table(fs, path), uri, expect_split=True)
+        splits = _to_split(_read_table(fs, path), uri, columns, expect_split=True)
     data = _validate(uri, splits, seed)
     log.info(
         "read %s: %d train, %d validation, %d test, %d labels",
@@ -141,15 +151,30 @@ def _read_table(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
         raise DataError(f"{path}: cannot parse as {fmt}: {exc}") from exc
 
 
-def _to_split(table: pa.Table, where: str, expect_split: bool) -> dict[str, Split]:
-    missing = [c for c in ("text", "label") if c not in table.column_names]
+def _columns(text_column: str, label_column: str) -> tuple[str, str]:
+    for flag, value in (("text column", text_column), ("label column", label_column)):
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"the {flag} must be a non-empty column name, got {value!r}")
+    if text_column == label_column:
+        raise DataError(f"the text and label columns must differ, both are {text_column!r}")
+    return text_column, label_column
+
+
+def _to_split(table: pa.Table, where: str, columns: tuple[str, str], expect_split: bool) -> dict[str, Split]:
+    text_col, label_col = columns
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; found {table.column_names}")
-    text_type = table.schema.field("text").type
+        hint = ""
+        if columns == (TEXT_COLUMN, LABEL_COLUMN):
+            hint = "; name yours with --text-column/--label-column (manifest: text_column/label_column)"
+        raise DataError(f"{where}: missing column(s) {missing}; found {table.column_names}{hint}")
+    if table.num_rows == 0:
+        raise DataError(f"{where}: no rows (a header and nothing else?)")
+    text_type = table.schema.field(text_col).type
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise DataError(f"{where}: column 'text' must hold strings, found {text_type}")
-    texts = table.column("text").to_pylist()
-    raw_labels = table.column("label").to_pylist()
+        raise DataError(f"{where}: column {text_col!r} must hold strings, found {text_type}")
+    texts = table.column(text_col).to_pylist()
+    raw_labels = table.column(label_col).to_pylist()
     for row, (x, y) in enumerate(zip(texts, raw_labels)):
         if x is None or not x.strip():
             raise DataError(f"{where}: row {row}: empty or null text")
@@ -169,20 +194,35 @@ def _to_split(table: pa.Table, where: str, expect_split: bool) -> dict[str, Spli
 
 def _validate(uri: str, splits: dict[str, Split], seed: int) -> TenantData:
     train = splits.get("train", Split())
-    dropped = len(train) - len(train.in_scope())
+    out_of_scope = train.out_of_scope()
     train = train.in_scope()
-    if dropped:
-        log.info("%s: %d out-of-scope (%r) training rows are not used as a class", uri, dropped, OOS_LABEL)
+    if len(out_of_scope):
+        log.info("%s: %d out-of-scope (%r) training rows are not used as a class", uri, len(out_of_scope), OOS_LABEL)
     if not len(train):
         raise DataError(f"{uri}: empty train split")
     labels = set(train.labels)
     if len(labels) < 2:
         raise DataError(f"{uri}: train split has {len(labels)} label(s); at least 2 are needed")
+    counts: dict[str, int] = defaultdict(int)
+    for y in train.labels:
+        counts[y] += 1
+    single = sorted(y for y, n in counts.items() if n == 1)
+    if single:
+        shown = ", ".join(single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+        log.warning(
+            "%s: %d label(s) have a single training example (%s): they are learned from one query%s; add examples",
+            uri,
+            len(single),
+            shown,
+            "" if "validation" in splits else " and none can be held out for validation",
+        )
     validation = splits.get("validation")
     if validation is None:
         train, validation = _carve_validation(train, seed)
         if len(set(train.labels)) < len(labels):
             raise DataError(f"{uri}: too few examples to hold out validation data; add a validation split")
+        # out-of-scope rows never train a class: with no validation split, they calibrate the threshold
+        validation = Split(validation.texts + out_of_scope.texts, validation.labels + out_of_scope.labels)
     for name, split in (("validation", validation), ("test", splits.get("test", Split()))):
         unseen = sorted(set(split.in_scope().labels) - labels)
         if unseen:

@@ -4,7 +4,8 @@
 2. Onboard a new few-shot tenant with `distill`; the same tenant with `adapter` and `fusion` are onboarded beside
    it (as `<id>-adapter`, `<id>-fusion`) for comparison. Teachers are the adapters already in the registry.
 3. Report accuracy, size and inference speed per method.
-4. Serve every tenant with Ray Serve, send real HTTP requests for two tenants, print the answers, shut down.
+4. Serve every tenant with Ray Serve, send real HTTP requests for two tenants (printed as curl lines that paste
+   and run), print the answers, shut down, and print the `adistill serve` line that serves the registry again.
 
 Everything goes through the same manifests, registry and Serve application a platform uses; output goes through
 `echo` (the CLI passes one that writes to the terminal). A re-run skips tenants already published.
@@ -14,7 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shlex
+import shutil
 import socket
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -87,7 +92,7 @@ def write_manifests(plan: DemoPlan, out: Path) -> tuple[Path, Path]:
 
 def run_demo(out: Path, quick: bool = False, echo: Echo = lambda s: None, port: int | None = None) -> dict[str, Any]:
     from adistill.distributed.common import ensure_ray, shutdown_ray
-    from adistill.distributed.onboard import OnboardEvent, OnboardOptions, onboard_manifest, summary_table
+    from adistill.distributed.onboard import OnboardOptions, onboard_manifest, summary_table
     from adistill.manifest import load_manifest
 
     plan = DemoPlan.default(quick)
@@ -99,14 +104,11 @@ def run_demo(out: Path, quick: bool = False, echo: Echo = lambda s: None, port: 
     ensure_ray(num_cpus=4)
     options = OnboardOptions(workers=2, storage_path=str((out / "runs").resolve()))
 
-    def progress(event: OnboardEvent) -> None:
-        if event.status in ("published", "skipped", "failed"):
-            echo(f"  {event.tenant_id}: {event.status}")
-
     outcomes = []
     for path in (teachers_yaml, new_yaml):
-        echo(f"\n$ adistill onboard {path} --registry {registry.uri}   (Ray Train, 2 tenants at a time)")
-        batch = onboard_manifest(load_manifest(path), registry, options=options, on_event=progress)
+        echo(f"\n$ adistill onboard {shlex.quote(str(path))} --registry {shlex.quote(registry.uri)}")
+        echo("  (Ray Train, 2 tenants at a time; the first lines come once Ray and its workers have started)")
+        batch = onboard_manifest(load_manifest(path), registry, options=options, on_event=DemoProgress(echo))
         echo(summary_table(batch))
         outcomes += batch
     failed = [o.tenant_id for o in outcomes if o.status == "failed"]
@@ -124,7 +126,60 @@ def run_demo(out: Path, quick: bool = False, echo: Echo = lambda s: None, port: 
     (out / "demo-report.json").write_text(json.dumps(report, indent=2) + "\n")
     echo(f"\ndone in {report['seconds']} s; registry, manifests and demo-report.json under {out}/")
     shutdown_ray()
+    echo("serve every demo tenant again (Ctrl-C stops it), then use the curl lines above:")
+    echo(serve_command(registry.uri))
     return report
+
+
+class DemoProgress:
+    """What the demo prints while a batch onboards: each tenant's start, its training (a stage's first and last
+    epoch, and at most one line per tenant every `every_s` seconds in between) and its end."""
+
+    def __init__(self, echo: Echo, every_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.echo, self.every_s, self.clock = echo, every_s, clock
+        self.last: dict[str, float] = {}
+
+    def __call__(self, event: Any) -> None:
+        d, tenant = event.detail, event.tenant_id
+        if event.status == "reading":
+            self.echo(f"  {tenant}: training started")
+        elif "epoch" in d and "epochs" in d:
+            now = self.clock()
+            due = now - self.last.get(tenant, -math.inf) >= self.every_s
+            if d["epoch"] in (1, d["epochs"]) or due:
+                self.last[tenant] = now
+                self.echo(f"  {tenant}: {event.status} epoch {d['epoch']}/{d['epochs']} val {d['val_accuracy']:.3f}")
+        elif event.status in ("published", "skipped", "failed"):
+            shown = {k: d[k] for k in ("version", "accuracy", "error") if d.get(k) is not None}
+            count = f"  [{d['done']}/{d['total']} tenants]" if "done" in d else ""
+            extra = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+            self.echo(f"  {tenant}: {event.status}{f' ({extra})' if extra else ''}{count}")
+
+
+def serve_command(registry_uri: str) -> str:
+    """The `adistill serve` line for the demo's registry, as it pastes into this shell."""
+    return f"{adistill_command()} serve --registry {shlex.quote(registry_uri)}"
+
+
+def adistill_command() -> str:
+    """How to call adistill from the shell that started this process: `adistill` when that is on PATH, else the
+    path it was started as (`.venv/bin/adistill` under `make demo`)."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name != "adistill":
+        return "adistill"
+    on_path = shutil.which("adistill")
+    if on_path and Path(on_path).resolve() == argv0.resolve():
+        return "adistill"
+    return shlex.quote(str(argv0))
+
+
+def curl_command(url: str, body: dict[str, Any], key: str | None = None) -> str:
+    """A curl line that pastes into a shell and runs: the tenant's API key, a JSON content type, the body quoted
+    for the shell (texts with quotes in them included)."""
+    auth = f" -H {shlex.quote('Authorization: Bearer ' + key)}" if key else ""
+    header = "content-type: application/json"
+    body_text = shlex.quote(json.dumps(body))
+    return f"curl -s -X POST {shlex.quote(url)}{auth} -H {shlex.quote(header)} -d {body_text}"
 
 
 def _comparison(backbone: Backbone, registry: Registry, plan: DemoPlan, echo: Echo) -> list[dict[str, Any]]:
@@ -198,18 +253,24 @@ def _free_port() -> int:
 def _serve_and_ask(registry: Registry, echo: Echo, port: int | None) -> list[dict[str, Any]]:
     """Start the Serve application on this registry, ask two tenants over HTTP, shut the service down."""
     from adistill.distributed.serve import ServeConfig, serving
+    from adistill.store.keys import create_key
 
     port = port or _free_port()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo prints its own lines
     config = ServeConfig(registry=registry.uri, max_batch_size=16, ray_actor_options={"num_cpus": 0.5})
+    # Auth is on: one API key per tenant asked (`adistill keys create`); created before the service reads its keys.
+    keys = {tenant: create_key(registry.uri, tenant=tenant, name="demo") for tenant in QUERIES}
+    echo(f"\n$ adistill keys create --registry {registry.uri} --tenant TENANT   (one API key per tenant asked below)")
     answers = []
     with serving(config, "127.0.0.1", port):
         echo(f"\nserving every tenant at http://127.0.0.1:{port} (Ray Serve, one backbone replica group)")
         for tenant, texts in QUERIES.items():
             url = f"http://127.0.0.1:{port}/v1/tenants/{tenant}/predict"
-            body = json.dumps({"texts": texts, "top_k": 2}).encode()
-            echo(f"$ curl -s -X POST {url} -d '{body.decode()}'")
-            req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+            payload = {"texts": texts, "top_k": 2}
+            body = json.dumps(payload).encode()
+            echo(f"$ {curl_command(url, payload, keys[tenant])}")
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {keys[tenant]}"}
+            req = urllib.request.Request(url, body, headers)
             with urllib.request.urlopen(req, timeout=60) as resp:
                 answer = json.loads(resp.read())
             echo(json.dumps(answer))

@@ -4,6 +4,8 @@
       method: distill
       shots: 10
       config: recipe.yaml     # a recipe YAML (path relative to this file) or an inline mapping
+      text_column: query      # the data's column names, when they are not `text` and `label`
+      label_column: category
     tenants:
       - id: banking
         data: data/banking.parquet      # relative local paths resolve against the manifest's folder
@@ -25,12 +27,13 @@ from typing import Any
 
 import yaml
 
-from adistill.config import Config, RecipeConfig
+from adistill.config import Config, RecipeConfig, require
 from adistill.errors import ConfigError, InvalidTenantId
 from adistill.tenant_id import validate_tenant_id
 
-TENANT_KEYS = ("id", "data", "shots", "method", "config")
-DEFAULT_KEYS = ("shots", "method", "config")
+COLUMN_KEYS = ("text_column", "label_column")
+TENANT_KEYS = ("id", "data", "shots", "method", "config", *COLUMN_KEYS)
+DEFAULT_KEYS = ("shots", "method", "config", *COLUMN_KEYS)
 TOP_KEYS = ("tenants", "defaults")
 
 
@@ -41,16 +44,22 @@ class ManifestError(ConfigError):
 @dataclass(frozen=True)
 class TenantSpec(Config):
     """One manifest entry. `data` is an absolute local path or a URI exactly as written (s3://, file://...).
-    `shots` and `method` are checked by the recipe's own rules (`RecipeConfig`), so both say the same."""
+    `shots` and `method` are checked by the recipe's own rules (`RecipeConfig`), so both say the same.
+    `text_column` / `label_column` name the data's columns (`adistill.data.read_tenant_data`)."""
 
     id: str
     data: str
     shots: int | None = None
     method: str | None = None
     config: RecipeConfig | None = None
+    text_column: str = "text"
+    label_column: str = "label"
 
     def check(self) -> None:
         self.recipe()  # method/shots/config must combine into a valid recipe
+        for name in COLUMN_KEYS:
+            require(bool(getattr(self, name).strip()), f"{name} must be a non-empty column name")
+        require(self.text_column != self.label_column, f"text_column and label_column are both {self.text_column!r}")
 
     def recipe(self, base: RecipeConfig | None = None) -> RecipeConfig:
         """The tenant's recipe: its `config` (else `base`, else the defaults) with `method`/`shots` applied."""
@@ -148,8 +157,9 @@ def _tenant(
     shots = entry.get("shots", defaults.get("shots"))
     method = entry.get("method", defaults.get("method"))
     cfg = _config(entry["config"], folder, here) if "config" in entry else default_cfg
+    columns = {k: entry[k] if k in entry else defaults[k] for k in COLUMN_KEYS if k in entry or k in defaults}
     try:
-        return TenantSpec(tenant_id, data, shots, method, cfg)
+        return TenantSpec(tenant_id, data, shots, method, cfg, **columns)
     except ConfigError as exc:
         raise ManifestError(f"{here}: {exc}") from exc
 

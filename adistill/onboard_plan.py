@@ -7,11 +7,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from adistill.backbone import Backbone
 from adistill.config import METHODS, RecipeConfig
+from adistill.data import LABEL_COLUMN, TEXT_COLUMN
 from adistill.errors import AdistillError, ConfigError, DataError
 from adistill.manifest import Manifest, TenantSpec
 from adistill.recipes.tenant import TenantJob, load_job_data
@@ -89,17 +91,18 @@ def tenant_config(entry: TenantSpec, base: RecipeConfig, method: str | None = No
 
 
 def run_name(job: TenantJob, backbone_fingerprint: str, teachers: Pairs) -> str:
-    """Deterministic: the same tenant, data URI, recipe, backbone and teachers always map to the same run."""
-    key = json.dumps(
-        {
-            "tenant": job.tenant_id,
-            "data": job.data,
-            "config": job.config.to_dict(),
-            "backbone": backbone_fingerprint,
-            "teachers": [list(t) for t in teachers],
-        },
-        sort_keys=True,
-    )
+    """Deterministic: the same tenant, data URI (and column names), recipe, backbone and teachers always map to the
+    same run."""
+    key_parts: dict[str, Any] = {
+        "tenant": job.tenant_id,
+        "data": job.data,
+        "config": job.config.to_dict(),
+        "backbone": backbone_fingerprint,
+        "teachers": [list(t) for t in teachers],
+    }
+    if job.columns != (TEXT_COLUMN, LABEL_COLUMN):  # the default names keep the run names they always had
+        key_parts["columns"] = list(job.columns)
+    key = json.dumps(key_parts, sort_keys=True)
     return f"adistill-{job.tenant_id}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -127,6 +130,39 @@ def published_same(
     return version if meta.get("data", {}).get("fingerprint") == data.fingerprint() else None
 
 
+def tenant_job(entry: TenantSpec, base_config: RecipeConfig, method: str | None = None) -> TenantJob:
+    """A manifest tenant as a job: its recipe (`tenant_config`), absolute data URI and column names."""
+    cfg = tenant_config(entry, base_config, method)
+    uri = absolute_uri(str(entry.data))
+    return TenantJob(validate_tenant_id(entry.id), uri, cfg, entry.text_column, entry.label_column)
+
+
+def check_data(
+    manifest: Manifest,
+    base_config: RecipeConfig,
+    method: str | None,
+    storage_options: dict[str, Any],
+    emit: EventSink,
+    threads: int = 8,
+) -> list[TenantOutcome]:
+    """Read and validate every tenant's data (columns, labels, splits) before any model loads: a tenant whose data
+    is unusable fails here, at once, with its `DataError` (the others go on). Returns those failures."""
+
+    def check(entry: TenantSpec) -> TenantOutcome | None:
+        job = tenant_job(entry, base_config, method)
+        try:
+            load_job_data(job, storage_options)
+        except DataError as exc:
+            return TenantOutcome(job.tenant_id, job.config.method, "failed", error=f"{type(exc).__name__}: {exc}")
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="data-check") as pool:
+        failed = [o for o in pool.map(check, manifest.tenants) if o is not None]
+    for outcome in failed:
+        emit(OnboardEvent(outcome.tenant_id, "failed", {"error": outcome.error}))
+    return failed
+
+
 def plan_batch(
     manifest: Manifest,
     registry: Registry,
@@ -136,18 +172,23 @@ def plan_batch(
     storage_options: dict[str, Any],
     emit: EventSink,
     selection: SelectionConfig | None = None,
+    failed: list[TenantOutcome] | None = None,
 ) -> tuple[list[TenantPlan], list[TenantOutcome]]:
     """Teachers snapshot (taken once, at the start), skip check, teacher selection, run names. Nothing is trained
-    here; a recipe that does not fit the teachers is refused here, before any Ray work."""
+    here; a recipe that does not fit the teachers is refused here, before any Ray work. `failed` (`check_data`'s
+    outcomes) are not planned; they come back with the skipped tenants, as the outcomes of tenants not trained."""
     if method is not None and method not in METHODS:
         raise ConfigError(f"method must be one of {list(METHODS)}, got {method!r}")
     ids = [t.id for t in manifest.tenants]
     # The batch's own tenants never teach each other (nor an older version of themselves): they run at once.
-    published = registry.teachers(backbone.fingerprint, exclude=ids)
-    plans, skipped = [], []
+    published = registry.adapters_for(backbone.fingerprint, exclude=ids)
+    plans, skipped = [], list(failed or [])
+    done = {o.tenant_id for o in skipped}
     for entry in manifest.tenants:
-        cfg = tenant_config(entry, base_config, method)
-        job = TenantJob(validate_tenant_id(entry.id), absolute_uri(str(entry.data)), cfg)
+        if entry.id in done:
+            continue
+        job = tenant_job(entry, base_config, method)
+        cfg = job.config
         version = published_same(registry, job, backbone, storage_options)
         if version is not None:
             meta = registry.meta(job.tenant_id, version)
@@ -162,6 +203,9 @@ def plan_batch(
         if cfg.method in ("distill", "fusion") and published:
             used, chosen = _choose(job, registry, published, backbone, selection or SelectionConfig(), storage_options)
             emit(OnboardEvent(job.tenant_id, "teachers", chosen))
+        if cfg.method == "distill" and not used:
+            note = "no teachers: stage 1 alone, published as method 'adapter'"
+            emit(OnboardEvent(job.tenant_id, "teachers", {"note": note}))
         plans.append(TenantPlan(job, used, run_name(job, backbone.fingerprint, used), chosen))
     return plans, skipped
 

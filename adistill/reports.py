@@ -37,6 +37,20 @@ def text_table(header: Row, rows: Iterable[Row], *, align: str | None = None, ma
     return "\n".join([lines[0], rule, *lines[1:]])
 
 
+def rounded(obj: Any, digits: int = 4) -> Any:
+    """A JSON-ready copy of `obj` for people to read: floats rounded to `digits` decimals, NaN and infinities as
+    null, integral counts kept as ints (`"examples": 3080`, never 3080.0 when it was counted as an int)."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, int | str):
+        return obj
+    if isinstance(obj, float):
+        return round(obj, digits) if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
 def meta_accuracy(meta: Mapping[str, Any]) -> tuple[float | None, str]:
     """An artifact's recorded accuracy and its split: test, else validation. A missing, non-numeric or NaN value is
     skipped (so a NaN test accuracy falls back to validation); `(None, "")` when neither split has one."""
@@ -155,5 +169,6 @@ __all__ = [
     "meta_accuracy",
     "registry_record",
     "registry_table",
+    "rounded",
     "text_table",
 ]

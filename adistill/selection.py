@@ -187,7 +187,7 @@ class ArtifactPool:
 def adapter_shape(adapter: AdapterConfig | dict[str, Any]) -> str:
     """An adapter shape as people read it: `seq_bn, reduction 16`."""
     if isinstance(adapter, AdapterConfig):
-        return f"{adapter.kind}, reduction {adapter.reduction_factor}"
+        return str(adapter)
     return f"{adapter.get('kind')}, reduction {adapter.get('reduction_factor')}"
 
 

@@ -1,4 +1,5 @@
-"""Search spaces for `adistill tune` (YAML in `tune_spaces/`), validated into frozen dataclasses. No Ray here.
+"""Search spaces for `adistill tune` (YAML files; `distill` and `smoke` ship in the package, `adistill/tune_spaces/`,
+and are found by name), validated into frozen dataclasses. No Ray here.
 
     description: what this space is for            # optional
     samples: 16                                     # optional: default number of trials (--samples overrides)
@@ -270,9 +271,28 @@ def space_from_dict(data: Any, name: str = "space") -> SearchSpace:
     )
 
 
+def packaged_spaces() -> dict[str, Path]:
+    """The search spaces shipped in the package (`adistill/tune_spaces/*.yaml`), by name: distill, smoke."""
+    folder = Path(__file__).resolve().parent / "tune_spaces"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_space(spec: str | Path) -> Path:
+    """A space's file: `spec` itself when it is a file, else the packaged space of that name (`--space distill`)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    packaged = packaged_spaces()
+    if str(spec) in packaged:
+        return packaged[str(spec)]
+    if path.suffix in (".yaml", ".yml") or "/" in str(spec):
+        return path  # a file that is not there: load_space says so
+    raise ConfigError(f"search space {str(spec)!r}: no such file, nor a packaged space (packaged: {sorted(packaged)})")
+
+
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search-space YAML file."""
-    path = Path(path)
+    """Read and validate a search space: a YAML file, or the name of a packaged one (`packaged_spaces`)."""
+    path = resolve_space(path)
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:

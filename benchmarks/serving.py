@@ -217,12 +217,14 @@ def http_rows(
     from ray import serve
 
     from adistill.distributed.serve import build_app
+    from adistill.store.keys import create_key
 
     root = scratch / "http-registry"
     registry = Registry(str(root))
     tenants = [f"http-{i:02d}" for i in range(20)]
     for i, t in enumerate(tenants):
         registry.publish(t, tenant_files(backbone, t, seed=100 + i))
+    auth = {"authorization": f"Bearer {create_key(str(root), admin=True, name='bench')}"}  # auth on, as deployed
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     try:
@@ -236,6 +238,7 @@ def http_rows(
                 "batch_wait_timeout_s": 0.002,
                 "ray_actor_options": {"num_cpus": 1},
                 "ingress_ray_actor_options": {"num_cpus": 0.5},
+                "quota": {"requests_per_s": None, "rows_in_flight": None},  # throughput, not quotas, is measured
             }
         )
         serve.run(app, name="bench", route_prefix="/")
@@ -257,7 +260,7 @@ def http_rows(
                     errors += r.status_code != 200
 
             limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-            async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+            async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=auth) as client:
                 for t in tenants:  # warm: every tenant loaded, connections open
                     await client.post(f"/v1/tenants/{t}/predict", json={"texts": ["hello"]})
                 start = time.perf_counter()
@@ -270,9 +273,9 @@ def http_rows(
         out = []
         for clients in levels:
             total = max(per_level, 4 * clients)
-            before = httpx.get(f"{url}/metrics", timeout=30).json()
+            before = httpx.get(f"{url}/metrics", timeout=30, headers=auth).json()
             latencies, wall = asyncio.run(level(clients, total))
-            after = httpx.get(f"{url}/metrics", timeout=30).json()
+            after = httpx.get(f"{url}/metrics", timeout=30, headers=auth).json()
             batches = after["batches"] - before["batches"]
             out.append(
                 {

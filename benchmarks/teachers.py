@@ -107,7 +107,7 @@ def selection_at_scale(n: int, dim: int) -> dict[str, float]:
         publish_s = time.perf_counter() - t0
         fingerprint = json.loads(template["adapter_config.json"])["backbone"]["fingerprint"]
         t0 = time.perf_counter()
-        listed = registry.teachers(fingerprint)
+        listed = registry.adapters_for(fingerprint)
         candidates = [Candidate(t, v, registry.meta(t, v)) for t, v in listed]
         read_s = time.perf_counter() - t0
         embedding = torch.randn(dim, generator=g)

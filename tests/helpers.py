@@ -83,6 +83,21 @@ def write_tenant(path: Path, labels: list[str], seed: int = 0, per_label: int = 
     return path
 
 
+def write_intents_csv(
+    path: Path, labels: list[str], columns: tuple[str, str] = ("query", "category"), per_label: int = 12, seed: int = 0
+) -> Path:
+    """A tenant as one CSV with its own column names (no split column): what a user exports from elsewhere."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in make_rows(labels, per_label, seed, "train"):
+            writer.writerow([row["text"], row["label"]])
+    return path
+
+
 # ------------------------------------------------------------------------------------ tiny encoders, recipes
 
 

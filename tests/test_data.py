@@ -115,3 +115,49 @@ def test_reads_tenant_data_from_s3(s3_moto, tmp_path: Path) -> None:  # type: ig
     assert (len(data.train), len(data.validation), len(data.test)) == (30, 9, 9)
     with pytest.raises(DataError, match="no such file"):
         read_tenant_data(s3_moto.uri("tenants") + "/missing.parquet", s3_moto.storage_options)
+
+
+# --- columns, empty files, labels with one example (issue 14) -------------------------------------------------------
+
+
+def test_columns_are_mapped_by_name(tmp_path: Path) -> None:
+    rows = [{"query": r["text"], "intent": r["label"], "split": r["split"]} for r in ROWS]
+    path = write(tmp_path / "t.csv", rows, "csv")
+    data = read_tenant_data(str(path), text_column="query", label_column="intent")
+    assert (len(data.train), len(data.validation), len(data.test)) == (30, 9, 9)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['text', 'label'\].*--text-column/--label-column"):
+        read_tenant_data(str(path))
+    with pytest.raises(DataError, match="must differ"):
+        read_tenant_data(str(path), text_column="query", label_column="query")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_file_with_a_header_and_no_rows_says_so(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"empty.{fmt}"
+    if fmt == "csv":
+        path.write_text("text,label\n")
+    else:
+        pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.string())}), path)
+    with pytest.raises(DataError, match=r"no rows \(a header and nothing else\?\)"):
+        read_tenant_data(str(path))
+
+
+def test_a_label_with_a_single_example_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [r for r in ROWS if r["split"] == "train"] + [{"text": "delta once", "label": "d", "split": "train"}]
+    path = write(tmp_path / "t.parquet", [{k: v for k, v in r.items() if k != "split"} for r in rows], "parquet")
+    with caplog.at_level("WARNING", logger="adistill.data"):
+        data = read_tenant_data(str(path))
+    assert "1 label(s) have a single training example (d)" in caplog.text
+    assert "none can be held out for validation" in caplog.text
+    assert "d" in data.labels
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adistill.data"):
+        read_tenant_data(str(write(tmp_path / "ok.parquet", ROWS, "parquet")))
+    assert "single training example" not in caplog.text
+
+
+def test_out_of_scope_rows_of_a_file_without_splits_calibrate(tmp_path: Path) -> None:
+    rows = [{"text": r["text"], "label": r["label"]} for r in ROWS if r["split"] == "train"]
+    rows += [{"text": f"something else {i}", "label": OOS_LABEL} for i in range(4)]
+    data = read_tenant_data(str(write(tmp_path / "t.csv", rows, "csv")))
+    assert OOS_LABEL not in data.train.labels and len(data.validation.out_of_scope()) == 4

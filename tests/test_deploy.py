@@ -432,6 +432,31 @@ def test_rayservice_runs_the_same_application_as_serve_apps() -> None:
     assert set(theirs.get("runtime_env", {})) <= {"env_vars"}, "a runtime_env beyond env_vars: copy it here"
 
 
+def test_the_service_requires_api_keys_and_its_admin_key_comes_from_a_secret() -> None:
+    """Auth is on in the RayService (and in serve_apps/); the admin key variable it reads is set on every Pod that
+    can run an ingress replica, from the Secret `adistill-admin-key` (required: the service never starts without
+    it), whose template names that same variable."""
+    from adistill.inference.serve_config import ServeConfig
+
+    [service] = of_kind("RayService")
+    [app] = serve_config(service)["applications"]
+    config = ServeConfig.from_dict(app["args"])
+    assert config.auth is True and config.admin_key_env == "ADISTILL_ADMIN_KEY"
+    assert config.quota.requests_per_s and config.quota.rows_in_flight
+    assert config.quota.rows_in_flight >= config.max_batch_size, "a tenant alone can still fill a batch"
+    for group, c in containers(service):
+        assert {"secretRef": {"name": "adistill-admin-key"}} in c["envFrom"], f"{group}: no admin key Secret"
+    [template] = [
+        d for _, d in k8s_documents() if d.get("kind") == "Secret" and d["metadata"]["name"] == "adistill-admin-key"
+    ]
+    assert set(template["stringData"]) == {config.admin_key_env}
+    for name in ("adistill.yaml", "adistill-gpu.yaml"):
+        [local] = yaml.safe_load((ROOT / "serve_apps" / name).read_text())["applications"]
+        assert ServeConfig.from_dict(local["args"]).auth is True, f"serve_apps/{name}: auth must be on"
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert "adistill-admin-key" in text and "adistill keys create" in text, "docs/deploy.md: create the keys"
+
+
 REPLACED = {"ADISTILL_REGISTRY": "registry", "ADISTILL_BACKBONE": "backbone"}
 
 
@@ -484,6 +509,7 @@ def test_kustomization_lists_the_manifests_and_names_every_image() -> None:
     assert images_of(listed) == {i["name"] for i in k["images"]}
     assert k["generatorOptions"]["disableNameSuffixHash"] is True, "Pod templates name the ConfigMaps literally"
     assert "s3-credentials.example.yaml" not in k["resources"], "applying must never overwrite the real Secret"
+    assert "admin-key.example.yaml" not in k["resources"], "applying must never overwrite the real admin key"
     variants = kustomization(K8S / "variants")
     assert variants["namespace"] == k["namespace"]
     listed = [d for r in variants["resources"] for d in yaml_docs(K8S / "variants" / r)]
@@ -559,12 +585,16 @@ def deploy_files() -> list[Path]:
 
 
 def test_no_secret_carries_a_real_looking_credential() -> None:
-    secrets = [d for _, d in k8s_documents() if d.get("kind") == "Secret"]
-    assert secrets, "a Secret template documents the S3 credentials"
-    for secret in secrets:
+    secrets = {d["metadata"]["name"]: d for _, d in k8s_documents() if d.get("kind") == "Secret"}
+    assert set(secrets) == {"adistill-s3", "adistill-admin-key"}, "templates of the S3 credentials and the admin key"
+    expected = {
+        "adistill-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+        "adistill-admin-key": {"ADISTILL_ADMIN_KEY"},
+    }
+    for name, secret in secrets.items():
         values = dict(secret.get("stringData", {}))
         values.update({k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()})
-        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(values)
+        assert expected[name] <= set(values)
         for key, value in values.items():
             assert PLACEHOLDER.match(value), f"Secret {secret['metadata']['name']}: {key} is not a placeholder"
     env = dict(

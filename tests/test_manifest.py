@@ -141,3 +141,29 @@ def test_defaults_shots_are_checked_like_a_tenants_own(folder: Path) -> None:
         load_manifest(path)
     with pytest.raises(ConfigError, match="shots must be an integer or null, got True"):
         TenantSpec("a", "/x", shots=True)
+
+
+def test_column_names_per_tenant_and_in_defaults(folder: Path) -> None:
+    path = write(
+        folder,
+        "defaults: {text_column: query, label_column: category}\n"
+        "tenants:\n  - {id: bank, data: data/bank.parquet}\n"
+        "  - {id: travel, data: data/travel, text_column: utterance}\n"
+        "  - {id: plain, data: data/bank.parquet, text_column: text, label_column: label}\n",
+    )
+    columns = {t.id: (t.text_column, t.label_column) for t in load_manifest(path).tenants}
+    assert columns == {"bank": ("query", "category"), "travel": ("utterance", "category"), "plain": ("text", "label")}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("text_column: 3", "text_column must be a string, got 3"),
+        ("label_column: ''", "label_column must be a non-empty column name"),
+        ("text_column: q, label_column: q", "text_column and label_column are both 'q'"),
+    ],
+)
+def test_bad_column_names_are_refused(folder: Path, entry: str, message: str) -> None:
+    path = write(folder, f"tenants:\n  - {{id: bank, data: data/bank.parquet, {entry}}}\n")
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(path)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import PYTHON, cli_env, fast_config, free_ports, kill_cli_when, run_cli, write_tenant
+from helpers import PYTHON, cli_env, fast_config, free_ports, kill_cli_when, run_cli, write_intents_csv
 
 from adistill.backbone import Backbone
 from adistill.cli import main
@@ -94,27 +94,35 @@ def test_onboard_to_s3_then_teachers_bad_tenant_and_skip(
     assert {o["tenant_id"]: (o["status"], o["version"]) for o in outcomes} == {n: ("published", 1) for n in first}
     assert "3 published, 0 skipped, 0 failed" in text
     assert "bank: stage1 epoch 2/2" in text  # per-tenant progress lines
+    assert "[3/3 tenants, " in text and "/h, ETA 0s]" in text  # the batch's progress on each tenant's last line
+    assert "bank: teachers note=no teachers: stage 1 alone, published as method 'adapter'" in text
     registry = Registry(uri, s3_moto.storage_options)
     assert registry.tenants() == ["bank", "home", "travel"]
+    assert registry.meta("bank")["method"] == "adapter"  # distill with no teacher yet says what it is
     before = {n: registry.get_files(n) for n in first}
 
     # Second batch: two new tenants learn from the first three; one tenant's data is unusable.
-    write_tenant(tmp_path / "shop.parquet", ["pay_bill", "recipe", "hotel"], seed=5)
+    write_intents_csv(tmp_path / "shop.csv", ["pay_bill", "recipe", "hotel"], per_label=20, seed=5)
     pq.write_table(pa.Table.from_pylist([{"text": "only one label", "label": "a"}] * 4), tmp_path / "broken.parquet")
     second = {
         "new": tenants_dir / "new.parquet",
         "broken": tmp_path / "broken.parquet",
-        "shop": tmp_path / "shop.parquet",
+        "shop": tmp_path / "shop.csv",
     }
-    code, outcomes, text = onboard(
-        capsys, manifest(tmp_path, "second.yaml", second), *common, "--json", str(tmp_path / "2.json")
-    )
+    second_yaml = manifest(tmp_path, "second.yaml", second)
+    doc = yaml.safe_load(Path(second_yaml).read_text())
+    doc["tenants"][2].update(text_column="query", label_column="category")  # shop's CSV names its own columns
+    Path(second_yaml).write_text(yaml.safe_dump(doc))
+    code, outcomes, text = onboard(capsys, second_yaml, *common, "--json", str(tmp_path / "2.json"))
     assert code == 1, text
     got = by_id(outcomes)
     assert got["broken"]["status"] == "failed" and "DataError" in got["broken"]["error"]
     assert "at least 2 are needed" in got["broken"]["error"]
     assert "2 published, 0 skipped, 1 failed" in text
     assert "broken" not in registry.tenants()
+    assert "broken: failed error=DataError" in text  # found by the driver's data check, before any model loaded
+    assert registry.meta("shop")["data"]["columns"] == {"text": "query", "label": "category"}
+    assert "no out-of-scope threshold for 1 tenant(s) (shop)" in text  # its CSV has no oos rows
     for tenant in ("new", "shop"):
         assert got[tenant]["status"] == "published"
         meta = registry.meta(tenant)

@@ -118,9 +118,9 @@ def test_method_needs_matching_teachers(tiny: Backbone, tenants_dir: Path, teach
     cfg = fast_config("distill").replace(adapter=AdapterConfig(reduction_factor=8))
     with pytest.raises(ConfigError, match="share the adapter shape"):
         train_tenant(tiny, data, cfg, teachers)
-    # distill with no teachers yet (the platform's first tenant) is stage 1 alone
+    # distill with no teachers yet (the platform's first tenant) is stage 1 alone, and says so: method adapter
     result = train_tenant(tiny, data, fast_config("distill", epochs=1))
-    assert result.model.method == "distill" and "stage2" not in result.stages
+    assert result.model.method == "adapter" and "stage2" not in result.stages
 
 
 @pytest.mark.parametrize("kind", ["seq_bn", "houlsby"])

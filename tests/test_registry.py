@@ -122,9 +122,9 @@ def test_publish_get_list_delete(backend: Backend, tiny: Backbone, arts: dict[st
         reg.get("bank", tiny, 9)
 
     # teachers: single-adapter tenants on that backbone only, metadata only
-    assert reg.teachers(tiny.fingerprint) == [("bank", 2), ("travel", 1)]
-    assert reg.teachers(tiny.fingerprint, exclude=["bank"]) == [("travel", 1)]
-    assert reg.teachers("0" * 64) == []
+    assert reg.adapters_for(tiny.fingerprint) == [("bank", 2), ("travel", 1)]
+    assert reg.adapters_for(tiny.fingerprint, exclude=["bank"]) == [("travel", 1)]
+    assert reg.adapters_for("0" * 64) == []
 
     # deleting the latest version moves the pointer back; numbers are not reused
     reg.delete("bank", 2)
@@ -201,7 +201,7 @@ def test_corrupt_versions_are_never_returned(
         if "weights" not in kind:  # metadata itself is bad: not listed as a teacher either
             with pytest.raises(CorruptArtifact):
                 reg.meta(tenant)
-            assert tenant not in [t for t, _ in reg.teachers(tiny.fingerprint)]
+            assert tenant not in [t for t, _ in reg.adapters_for(tiny.fingerprint)]
         if "pointer" in kind:
             with pytest.raises(CorruptArtifact, match=POINTER):
                 reg.latest_version(tenant)
@@ -298,7 +298,7 @@ def assert_serves_v1(reg: Registry, tiny: Backbone, arts: dict[str, dict[str, by
     assert reg.latest_version("bank") == 1 and reg.versions("bank") == [1]
     assert reg.get_files("bank")[WEIGHTS] == arts["bank1"][WEIGHTS]
     assert reg.get("bank", tiny).version == 1
-    assert reg.teachers(tiny.fingerprint) == [("bank", 1)]
+    assert reg.adapters_for(tiny.fingerprint) == [("bank", 1)]
 
 
 @pytest.mark.parametrize("at", [WEIGHTS, CONFIG, POINTER])

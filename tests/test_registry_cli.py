@@ -171,7 +171,10 @@ def test_registry_publish_an_artifact_folder(
     code, out, _ = run_cli(capsys, "registry", "publish", str(folder), *reg)
     assert code == 0 and out == f"published bank version 1 to {tmp_path / 'registry'}\n"
     code, _, err = run_cli(capsys, "registry", "publish", str(folder), "--tenant", "other", *reg)
-    assert code == 1 and "built for tenant 'bank'" in err
+    assert code == 1 and "trained for tenant 'bank', not 'other'" in err and "--tenant only confirms" in err
+    assert len(err.strip().splitlines()) == 1
+    code, out, _ = run_cli(capsys, "registry", "publish", str(folder), "--tenant", "bank", *reg)
+    assert code == 0 and out.startswith("published bank version 2")
     code, _, err = run_cli(capsys, "registry", "publish", str(tmp_path / "nothing"), *reg)
     assert code == 1 and "no such artifact folder" in err
-    assert Registry(str(tmp_path / "registry")).versions("bank") == [1]
+    assert Registry(str(tmp_path / "registry")).versions("bank") == [1, 2]

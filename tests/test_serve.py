@@ -92,6 +92,8 @@ def service(
             "batch_wait_timeout_s": 0.01,
             "ray_actor_options": {"num_cpus": 0.5},
             "ingress_ray_actor_options": {"num_cpus": 0.1},
+            "auth": False,  # these tests are about answers; keys and quotas: tests/test_serve_auth.py
+            "quota": {"requests_per_s": None, "rows_in_flight": None},
             **LIMITS,
         }
     )

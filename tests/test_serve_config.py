@@ -56,6 +56,82 @@ def test_serve_command_flags() -> None:
         2,
         "auto",
     )
+    assert (args.auth, args.keys) == ("on", None)  # auth is on unless switched off
+    args = build_parser().parse_args(["serve", "--registry", "r", "--auth", "off", "--keys", "s3://k/keys"])
+    assert (args.auth, args.keys) == ("off", "s3://k/keys")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--registry", "r", "--auth", "maybe"])
+
+
+def test_serve_start_up_line_says_whether_auth_is_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The line `adistill serve` prints once the app is up (Ray replaced by a stand-in that is ready at once)."""
+    from adistill.cli import main
+
+    seen: list[ServeConfig] = []
+
+    def fake_run(config: ServeConfig, host: str, port: int, address: object, ready: object) -> None:
+        seen.append(config)
+        ready(f"http://{host}:{port}")  # type: ignore[operator]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("adistill.distributed.serve.run_until_interrupted", fake_run)
+    (tmp_path / "tenants").mkdir()
+    assert main(["serve", "--registry", str(tmp_path), "--port", "8123"]) == 0
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:8123" in err and "auth on" in err and "WARNING" not in err and "stopped" in err
+    assert main(["serve", "--registry", str(tmp_path), "--auth", "off"]) == 0
+    line = capsys.readouterr().err.splitlines()[0]
+    assert "WARNING: auth off" in line and "http://127.0.0.1:8000" in line
+    assert [c.auth for c in seen] == [True, False]
+
+
+def test_auth_and_quota_settings() -> None:
+    config = ServeConfig.from_dict({"registry": "./r"})
+    assert config.auth is True and config.keys is None and config.admin_key_env == "ADISTILL_ADMIN_KEY"
+    assert (config.quota.requests_per_s, config.quota.rows_in_flight) == (100.0, 64)
+    config = ServeConfig.from_dict(
+        {
+            "registry": "./r",
+            "quota": {"requests_per_s": 20, "rows_in_flight": None},
+            "tenant_quotas": {"big": {"rows_in_flight": 512}, "slow": {"requests_per_s": 0.5, "burst": 1}},
+        }
+    )
+    assert config.quota_for("other") == config.quota and config.quota.rows_in_flight is None
+    assert (config.quota_for("big").requests_per_s, config.quota_for("big").rows_in_flight) == (20, 512)
+    assert (config.quota_for("slow").requests_per_s, config.quota_for("slow").bucket) == (0.5, 1.0)
+    assert ServeConfig.from_dict({"registry": "./r", "quota": None, "tenant_quotas": None}).quota.burst is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"auth": "on"}, "auth must be true or false"),
+        ({"quota": {"requests_per_s": 0}}, r"quota.requests_per_s must be > 0 or null"),
+        ({"quota": {"rows": 3}}, r"unknown key\(s\) \['rows'\] in quota"),
+        ({"tenant_quotas": {"_keys": {}}}, "'_keys' is not a valid tenant id"),
+        ({"tenant_quotas": {"a": {"rows": 3}}}, r"tenant_quotas.a: unknown key\(s\) \['rows'\]"),
+        ({"tenant_quotas": {"a": {"burst": 0}}}, "tenant_quotas.a.burst must be >= 1, got 0"),
+        ({"admin_key_env": "not a name"}, "admin_key_env must be an environment variable name"),
+        ({"keys": " "}, "keys must be a URI or null"),
+    ],
+)
+def test_bad_auth_and_quota_settings(args: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServeConfig.from_dict({"registry": "./r", **args})
+
+
+def test_front_door_routes() -> None:
+    from adistill.distributed.serve_http import required_access
+
+    assert required_access("/v1/tenants/bank/predict") == ("tenant", "bank")
+    assert required_access("/v1/tenants/bank") == ("tenant", "bank")
+    assert required_access("/v1/tenants") == required_access("/v1/tenants/") == ("admin", None)
+    assert required_access("/metrics") == ("admin", None)
+    assert required_access("/v1/anything/else") == ("admin", None)
+    for open_path in ("/healthz", "/docs", "/docs/assets/swagger-ui.css", "/openapi.json", "/"):
+        assert required_access(open_path) is None
 
 
 @pytest.mark.parametrize(
@@ -72,7 +148,8 @@ def test_serve_command_flags() -> None:
         ({"autoscaling_config": "on"}, "autoscaling_config must be a mapping or null"),
         (
             {"cache_size": 3},
-            r"unknown key\(s\) \['cache_size'\] in serve config; expected some of \['autoscaling_config'",
+            r"unknown key\(s\) \['cache_size'\] in serve config; expected some of "
+            r"\['admin_key_env', 'auth', 'autoscaling_config'",
         ),
     ],
 )

@@ -133,7 +133,7 @@ def test_one_entry_point_chooses_k_teachers_from_registry_metadata(
         data = read_tenant_data(job.data)
         result = train_tenant(tiny, data, job.config)
         registry.publish(name, result.files(name, tiny, job.config, data_record(job, data, tiny)))
-    pool = RegistryPool(registry, registry.teachers(tiny.fingerprint), tiny)
+    pool = RegistryPool(registry, registry.adapters_for(tiny.fingerprint), tiny)
     data = read_tenant_data(str(tenants_dir / "new.parquet"))
     recipe = fast_config("distill")
     sel = choose_teachers(pool, "new", tiny, recipe, SelectionConfig(strategy="similar", k=2), data)

@@ -1,11 +1,11 @@
 """What several commands share: storage options, the backbone, resources and recipe flags, teacher-selection flags,
-the registry, progress bars."""
+data column flags, the registry, progress bars, JSON output."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+import sys
 from typing import TYPE_CHECKING, Any
 
 from adistill.config import TEACHER_STRATEGIES, RecipeConfig, TrainConfig
@@ -104,20 +104,81 @@ def selection_from_args(args: argparse.Namespace) -> SelectionConfig:
     )
 
 
-def epoch_bar(desc: str) -> Callable[[dict[str, object]], None]:
-    """A tqdm bar per training stage, driven by the recipes' progress callback."""
-    from tqdm import tqdm
+class EpochBars:
+    """A tqdm bar per training stage, driven by the recipes' progress callback (`recipes.loop.Progress`). A bar
+    counts the stage's first epoch from the stage's start (the event comes at the end of the epoch) and stays on
+    screen when its stage ends; `close()` ends a bar left open by early stopping."""
 
-    bars: dict[str, Any] = {}
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bars: dict[str, Any] = {}
 
-    def update(event: dict[str, object]) -> None:
+    def __call__(self, event: dict[str, object]) -> None:
+        from tqdm import tqdm
+
+        if "epochs" not in event:  # e.g. {"stage": "resumed"}: no epoch to count
+            return
         stage = str(event["stage"])
-        if stage not in bars:
-            bars[stage] = tqdm(total=int(event["epochs"]), desc=f"{desc} {stage}", unit="epoch", leave=False)  # type: ignore[call-overload]
-        bar = bars[stage]
+        if stage not in self.bars:
+            self.close()  # the previous stage stopped early
+            bar = tqdm(total=int(str(event["epochs"])), desc=f"{self.desc} {stage}", unit="epoch", leave=True)
+            bar.start_t -= float(str(event.get("seconds", 0.0)))  # tqdm starts now; the first epoch started earlier
+            self.bars[stage] = bar
+        bar = self.bars[stage]
         bar.update(1)
         bar.set_postfix(loss=f"{event['loss']:.3f}", val=f"{event['val_accuracy']:.3f}")
         if event["epoch"] == event["epochs"]:
             bar.close()
 
-    return update
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def epoch_bar(desc: str) -> EpochBars:
+    """`EpochBars(desc)`: what `train` passes as the recipes' progress callback."""
+    return EpochBars(desc)
+
+
+def text_bar(desc: str, total: int) -> Any:
+    """A tqdm bar over texts scored (`adistill evaluate`); its `update` is `recipes.evaluate.BatchProgress`."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="text", leave=False)
+
+
+def add_data_args(p: argparse.ArgumentParser, default_note: str = "") -> None:
+    """`--text-column` and `--label-column`: the names of the data's query and label columns."""
+    p.add_argument(
+        "--text-column", default=None, metavar="NAME", help=f"column holding the queries (default text{default_note})"
+    )
+    p.add_argument(
+        "--label-column", default=None, metavar="NAME", help=f"column holding the labels (default label{default_note})"
+    )
+
+
+def data_columns(args: argparse.Namespace, recorded: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(text column, label column): the flags, else `recorded` (an artifact's `data.columns`), else text/label."""
+    recorded = recorded or {}
+    text = getattr(args, "text_column", None) or recorded.get("text") or "text"
+    label = getattr(args, "label_column", None) or recorded.get("label") or "label"
+    return str(text), str(label)
+
+
+def existing_registry(args: argparse.Namespace) -> Registry:
+    """`registry_from_args` for commands that only read: a registry that does not exist (a typo) is an error,
+    not an empty registry."""
+    registry = registry_from_args(args)
+    if not registry.exists():
+        raise ConfigError(
+            f"registry {registry.uri} does not exist (nothing there); check the URI, or create it by publishing "
+            "(adistill onboard, adistill registry publish)"
+        )
+    return registry
+
+
+def write_json_line(obj: Any, indent: int | None = None) -> None:
+    """`obj` as JSON on stdout, floats rounded for people (`reports.rounded`)."""
+    from adistill.reports import rounded
+
+    sys.stdout.write(json.dumps(rounded(obj), indent=indent) + "\n")

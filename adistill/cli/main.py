@@ -7,17 +7,19 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from adistill.cli import onboard, registry, serve, train, tune
+import adistill
+from adistill.cli import keys, onboard, registry, serve, train, tune
 from adistill.errors import AdistillError
 
 log = logging.getLogger("adistill")
 
 # Each command group registers its subcommands; this order is the order of `adistill --help`.
-COMMAND_GROUPS = (train, registry, onboard, tune, serve)
+COMMAND_GROUPS = (train, registry, onboard, tune, serve, keys)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adistill", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"adistill {adistill.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:

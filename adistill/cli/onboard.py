@@ -19,6 +19,7 @@ from adistill.cli.common import (
     storage_options,
 )
 from adistill.config import METHODS
+from adistill.reports import rounded
 
 
 def cmd_onboard(args: argparse.Namespace) -> int:
@@ -60,9 +61,20 @@ def cmd_onboard(args: argparse.Namespace) -> int:
 
     outcomes = onboard_manifest(manifest, registry, recipe, args.method, options, line)
     sys.stdout.write(summary_table(outcomes) + "\n")
+    warn_uncalibrated(registry, [(o.tenant_id, o.version) for o in outcomes if o.status == "published"])
     if args.json:
-        Path(args.json).write_text(json.dumps([o.to_dict() for o in outcomes], indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(rounded([o.to_dict() for o in outcomes]), indent=2) + "\n")
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def warn_uncalibrated(registry: Any, published: list[tuple[str, int | None]]) -> None:
+    """One line naming the just-published tenants whose out-of-scope detection is off (no threshold calibrated)."""
+    off = [t for t, v in published if registry.meta(t, v).get("oos_threshold") is None]
+    if off:
+        sys.stderr.write(
+            f"adistill onboard: warning: no out-of-scope threshold for {len(off)} tenant(s) ({', '.join(off)}): "
+            "their validation data has no 'oos' rows, so their predictions never flag a query as out of scope\n"
+        )
 
 
 def add_parser(sub: Any) -> None:

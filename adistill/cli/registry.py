@@ -7,14 +7,15 @@ import json
 import sys
 from typing import Any
 
-from adistill.cli.common import add_storage_args, registry_from_args
-from adistill.errors import AdistillError
+from adistill.cli.common import add_storage_args, existing_registry, registry_from_args
+from adistill.errors import AdistillError, ConfigError
+from adistill.reports import rounded
 
 
 def cmd_registry_ls(args: argparse.Namespace) -> int:
     from adistill.reports import registry_record, registry_table
 
-    registry = registry_from_args(args)
+    registry = existing_registry(args)
     records: list[dict[str, Any]] = []
     for tenant_id in registry.tenants():
         try:
@@ -23,7 +24,7 @@ def cmd_registry_ls(args: argparse.Namespace) -> int:
             records.append({"tenant_id": tenant_id, "error": str(exc)})
     failed = sum("error" in r for r in records)
     if args.json:
-        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+        sys.stdout.write(json.dumps(rounded(records), indent=2) + "\n")
     elif records:
         sys.stdout.write(registry_table(records) + "\n")
     else:
@@ -34,7 +35,7 @@ def cmd_registry_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_show(args: argparse.Namespace) -> int:
-    registry = registry_from_args(args)
+    registry = existing_registry(args)
     meta = registry.meta(args.tenant, args.version)
     if args.json:
         sys.stdout.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -82,6 +83,7 @@ def describe_version(meta: dict[str, Any], versions: list[int], uri: str) -> lis
             f"{params.get('stored')} stored",
         ),
         ("metrics", "; ".join(scores) or "-"),
+        ("oos", _out_of_scope(meta)),
         ("teachers", teachers),
         (
             "data",
@@ -98,12 +100,28 @@ def describe_version(meta: dict[str, Any], versions: list[int], uri: str) -> lis
     return lines
 
 
+def _out_of_scope(meta: dict[str, Any]) -> str:
+    """`registry show`'s out-of-scope line: the threshold, or why detection is off."""
+    threshold = meta.get("oos_threshold")
+    if threshold is not None:
+        return f"on, threshold {threshold:.4f} (calibrated on the validation data's 'oos' rows)"
+    reason = (meta.get("out_of_scope") or {}).get("reason") or "no threshold was calibrated"
+    return f"off: {reason}"
+
+
 def cmd_registry_publish(args: argparse.Namespace) -> int:
     from adistill.store.artifact import parse_meta, read_dir
     from adistill.store.names import CONFIG
 
     files = read_dir(args.artifact)
-    tenant_id = args.tenant or parse_meta(files.get(CONFIG, b""), args.artifact)["tenant_id"]
+    built_for = parse_meta(files.get(CONFIG, b""), args.artifact)["tenant_id"]
+    if args.tenant is not None and args.tenant != built_for:
+        raise ConfigError(
+            f"{args.artifact} was trained for tenant {built_for!r}, not {args.tenant!r}: --tenant only confirms the id "
+            f"(an artifact keeps the id it was trained with); train it again with --tenant {args.tenant} to publish "
+            "it under that id"
+        )
+    tenant_id = built_for
     registry = registry_from_args(args)
     version = registry.publish(tenant_id, files)
     sys.stdout.write(f"published {tenant_id} version {version} to {registry.uri}\n")
@@ -111,7 +129,7 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_rm(args: argparse.Namespace) -> int:
-    registry = registry_from_args(args)
+    registry = existing_registry(args)
     try:
         versions = registry.versions(args.tenant)
     except AdistillError:  # a corrupt tenant can still be removed as a whole
@@ -132,7 +150,7 @@ def cmd_registry_rm(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """`registry` and its subcommands on the `adistill` subparsers."""
-    p = sub.add_parser("registry", help="list, show or delete published tenants")
+    p = sub.add_parser("registry", help="list, show, publish or delete published tenants")
     registry_sub = p.add_subparsers(dest="registry_command", required=True)
 
     def registry_common(q: argparse.ArgumentParser) -> None:
@@ -144,18 +162,25 @@ def add_parser(sub: Any) -> None:
     registry_common(q)
     q.set_defaults(func=cmd_registry_ls)
     q = registry_sub.add_parser("show", help="a version's metadata: method, metrics, teachers, sizes, files")
-    q.add_argument("tenant")
+    q.add_argument("tenant", help="tenant id")
     q.add_argument("--version", type=int, default=None, help="default: the latest")
     q.add_argument("--json", action="store_true", help="the whole adapter_config.json")
     registry_common(q)
     q.set_defaults(func=cmd_registry_show)
-    q = registry_sub.add_parser("publish", help="publish an artifact folder as the tenant's next version")
+    q = registry_sub.add_parser(
+        "publish", help="publish an artifact folder as the next version of the tenant it was trained for"
+    )
     q.add_argument("artifact", help="artifact folder (adistill train --out)")
-    q.add_argument("--tenant", default=None, help="default: the tenant id recorded in the artifact")
+    q.add_argument(
+        "--tenant",
+        default=None,
+        help="check that the artifact was trained for this tenant id (an artifact is never renamed; "
+        "default: the id it records)",
+    )
     registry_common(q)
     q.set_defaults(func=cmd_registry_publish)
     q = registry_sub.add_parser("rm", help="delete a tenant, or one version of it")
-    q.add_argument("tenant")
+    q.add_argument("tenant", help="tenant id")
     q.add_argument("--version", type=int, default=None, help="only this version (the latest moves back)")
     registry_common(q)
     q.set_defaults(func=cmd_registry_rm)

@@ -7,20 +7,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adistill.cli.common import add_storage_args, storage_options
+from adistill.cli.common import add_storage_args, existing_registry, storage_options
+from adistill.store.uris import absolute_uri
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    existing_registry(args)  # a typo is refused before Ray starts, not served as an empty platform
     from adistill.distributed.serve import ServeConfig, run_until_interrupted
 
-    changes: dict[str, Any] = {"registry": args.registry, "storage_options": storage_options(args)}
+    registry = absolute_uri(args.registry)  # replicas may run in another folder (or on another node)
+    changes: dict[str, Any] = {"registry": registry, "storage_options": storage_options(args)}
     for name in ("backbone", "replicas", "max_batch_size", "cache_bytes", "poll_interval_s"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    changes["auth"] = args.auth == "on"
+    if args.keys is not None:
+        changes["keys"] = args.keys
     config = ServeConfig.from_dict(changes)
-    sys.stderr.write(f"adistill serve: http://{args.host}:{args.port} (docs at /docs); Ctrl-C to stop\n")
+
+    def ready(url: str) -> None:
+        if config.auth:
+            from adistill.store.keys import keys_uri
+
+            access = f"auth on (keys in {keys_uri(config.registry, config.keys)}: adistill keys create)"
+        else:
+            access = "WARNING: auth off: anyone who can reach this port may call every tenant"
+        sys.stderr.write(f"adistill serve: {url} (docs at {url}/docs); {access}; Ctrl-C to stop\n")
+
     try:
-        run_until_interrupted(config, args.host, args.port, args.address)
+        run_until_interrupted(config, args.host, args.port, args.address, ready=ready)
     except KeyboardInterrupt:
         sys.stderr.write("adistill serve: stopped\n")
     return 0
@@ -43,11 +58,18 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve every tenant of a registry over HTTP (Ray Serve) until Ctrl-C")
     p.add_argument("--registry", required=True, help="registry URI: folder, file://, s3://bucket/prefix")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=None, help="encoder replicas (default 1)")
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: a local instance")
     p.add_argument("--max-batch-size", type=int, default=None, help="rows per encoder forward (default 32)")
     p.add_argument("--cache-bytes", type=int, default=None, help="loaded tenants per replica, bytes")
     p.add_argument("--poll-interval-s", type=float, default=None, help="registry poll for new versions (5 s)")
+    p.add_argument(
+        "--auth",
+        choices=("on", "off"),
+        default="on",
+        help="require 'Authorization: Bearer <key>' (default on; keys: adistill keys create); off: anyone may call",
+    )
+    p.add_argument("--keys", default=None, metavar="URI", help="key store (default: <registry>/_keys)")
     add_storage_args(p)
     p.set_defaults(func=cmd_serve)

@@ -13,8 +13,8 @@ from adistill.cli.common import (
     add_storage_args,
     add_teacher_args,
     base_recipe,
+    existing_registry,
     parse_resources,
-    registry_from_args,
     selection_from_args,
     storage_options,
 )
@@ -53,6 +53,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         teacher_selection=selection_from_args(args),
     )
     base = base_recipe(args)
+    check_tenant_data(manifest, tenant_ids, base, storage_options(args))  # before the encoder loads, before Ray
+    registry = existing_registry(args)
     ensure_ray(args.address, log_to_driver=args.verbose)
     start = time.monotonic()
 
@@ -65,7 +67,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         who = f"trial {event.trial_id}" if event.trial_id else "tune"
         sys.stderr.write(f"[{time.monotonic() - start:7.1f}s] {who}: {text}\n")
 
-    outcome = tune_tenants(manifest, tenant_ids, space, registry_from_args(args), base, options, line)
+    outcome = tune_tenants(manifest, tenant_ids, space, registry, base, options, line)
     recipe = save_recipe(outcome, args.save_config or Path("tune_spaces") / "results" / f"{outcome.name}.yaml")
     sys.stdout.write(trials_table(outcome) + "\n")
     stage1 = ", ".join(f"{k} {v:.4f}" for k, v in outcome.stage1_val_accuracy.items())
@@ -74,6 +76,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({**outcome.to_dict(), "recipe": str(recipe)}, indent=2) + "\n")
     return 0
+
+
+def check_tenant_data(manifest: Any, tenant_ids: list[str], base: Any, options: dict[str, Any]) -> None:
+    """Every tuned tenant's data reads (columns, labels, splits): checked before the encoder loads or Ray starts."""
+    from adistill.data import read_tenant_data
+    from adistill.store.uris import absolute_uri
+
+    for tenant_id in tenant_ids:
+        entry = manifest.tenant(tenant_id)
+        seed = entry.recipe(base).seed
+        read_tenant_data(absolute_uri(str(entry.data)), options, seed, entry.text_column, entry.label_column)
 
 
 def trials_table(outcome: Any) -> str:
@@ -99,13 +112,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("manifest", help="tenants manifest YAML")
     p.add_argument("--tenant", default=None, help="the tenant to tune for")
     p.add_argument("--tenants", default=None, help="ID1,ID2,...: one shared config, mean validation accuracy")
-    p.add_argument("--space", required=True, help="search space YAML (tune_spaces/)")
+    p.add_argument(
+        "--space",
+        required=True,
+        help="search space: a packaged one by name (distill, smoke) or a YAML file (docs/tuning.md)",
+    )
     p.add_argument("--registry", required=True, help="registry URI holding the teachers")
     p.add_argument("--config", default=None, help="base recipe YAML (the space's `fixed` and params go on top)")
     p.add_argument("--samples", type=int, default=None, help="trials (default: the space's `samples`)")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials at once (default 2)")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
-    p.add_argument("--search", choices=["optuna", "random"], default="optuna")
+    p.add_argument(
+        "--scheduler", choices=["asha", "fifo"], default="asha", help="asha stops weak trials early (default asha)"
+    )
+    p.add_argument("--search", choices=["optuna", "random"], default="optuna", help="search algorithm (default optuna)")
     p.add_argument("--seed", type=int, default=0, help="search seed (default 0)")
     p.add_argument("--time-budget-s", type=float, default=None, help="stop the search after this many seconds")
     p.add_argument("--name", default=None, help="experiment name (default: derived from the inputs; reruns resume)")

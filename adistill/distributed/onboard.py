@@ -47,6 +47,7 @@ from adistill.onboard_plan import (
     OnboardEvent,
     TenantOutcome,
     TenantPlan,
+    check_data,
     plan_batch,
     summary_table,
 )
@@ -104,10 +105,20 @@ def onboard_manifest(
     options = options or OnboardOptions()
     base_config = base_config or RecipeConfig()
     emit = on_event or (lambda event: None)
+    # Every tenant's data is read and checked first: a tenant with unusable data fails now, before any model loads.
+    failed = check_data(manifest, base_config, method, options.storage_options, emit)
     # The driver needs the backbone's fingerprint (teachers, skip check, run names); workers load their own copy.
     backbone = load_backbone(options.backbone, "cpu", options.storage_options)
     plans, skipped = plan_batch(
-        manifest, registry, backbone, base_config, method, options.storage_options, emit, options.teacher_selection
+        manifest,
+        registry,
+        backbone,
+        base_config,
+        method,
+        options.storage_options,
+        emit,
+        options.teacher_selection,
+        failed,
     )
     outcomes = {o.tenant_id: o for o in skipped}
     if plans:
@@ -185,7 +196,15 @@ class _Batch:
         train: Any = ray.train  # Train V2 classes (ray's annotations still name some V1 ones)
         by_id = {p.job.tenant_id: p for p in plans}
         tasks = [
-            TenantTask(p.job.tenant_id, p.job.data, p.job.config.to_dict(), p.run_name, list(p.teachers), p.selection)
+            TenantTask(
+                p.job.tenant_id,
+                p.job.data,
+                p.job.config.to_dict(),
+                p.run_name,
+                list(p.teachers),
+                p.selection,
+                p.job.columns,
+            )
             for p in plans
         ]
         queue: Any = ray.remote(num_cpus=0)(TenantQueue).remote(tasks, self.options.max_failures + 1)

@@ -43,6 +43,7 @@ class TenantTask:
     run_name: str
     teachers: list[tuple[str, int | None]]
     selection: dict[str, Any] | None = None
+    columns: tuple[str, str] = ("text", "label")  # the data's text and label columns
 
 
 @dataclass
@@ -187,7 +188,7 @@ def _train_one(task: TenantTask, queue: Any, token: str, backbone: Any, shelf: A
 
     try:
         cfg = RecipeConfig.from_dict(task.config)
-        job = TenantJob(task.tenant_id, task.data, cfg)
+        job = TenantJob(task.tenant_id, task.data, cfg, *task.columns)
         tell("reading", device=str(backbone.device), pid=os.getpid())
         data = load_job_data(job, ctx["data_storage_options"])
         folder = RunFolder(ctx["storage_uri"], task.run_name, ctx["storage_options"])

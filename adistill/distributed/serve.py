@@ -1,53 +1,54 @@
 """Ray Serve: every tenant behind one shared backbone replica group, with mixed-tenant batches.
 
 Two deployments:
-- `Ingress` (FastAPI): the HTTP API of docs/serving.md. Validates the tenant id and the body, enforces the limits,
-  answers errors as JSON `{"error": ...}`, and sends each request's texts to the encoder group in one call.
+- `Ingress` (FastAPI, adistill.distributed.serve_http): the HTTP API of docs/serving.md. Checks API keys (401/403)
+  and each tenant's quota (429), validates the tenant id and the body, answers errors as JSON `{"error": ...}`, and
+  sends each request's texts to the encoder group in one call.
 - `EncoderGroup` (the replica group): the frozen encoder, a `TenantCache` (host memory, bytes-bounded, hot versions)
-  and an `Engine` (device-side adapter bank). Each text becomes one row `(tenant_id, text, top_k)` queued for
-  `@serve.batch`, so rows of *different* tenants share one encoder forward. `@serve.multiplexed` is not used: it
-  splits every batch by model id (docs/serving.md, "Replica affinity").
+  and an `Engine` (device-side adapter bank). Each text becomes one row `(tenant_id, text, top_k)` queued in a
+  `FairBatcher`, which fills every batch round-robin across the tenants with rows waiting: rows of *different*
+  tenants share one encoder forward, and a tenant with a deep queue cannot push another tenant's rows behind its
+  own. `@serve.multiplexed` is not used: it splits every batch by model id (docs/serving.md, "Replica affinity").
 
 Build the application with `build_app(args)` (`serve run adistill.distributed.serve:build_app registry=./registry` or a
-file under serve_apps/); `args` becomes a frozen `ServeConfig` once, here at the edge.
+file under serve_apps/); `args` becomes a frozen `ServeConfig` once, here at the edge. `adistill serve` calls
+`run_until_interrupted`; the demo and tests use `serving`.
 
-No `from __future__ import annotations` here: FastAPI and Serve read the route signatures at runtime.
+No `from __future__ import annotations` here: Serve reads the deployment signatures at runtime.
 """
 
 import asyncio
 import contextlib
 import logging
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from ray import serve
-from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adistill.distributed.common import ensure_ray
+from adistill.distributed.serve_http import Ingress
 from adistill.errors import (
     AdistillError,
     BackboneMismatch,
+    ConfigError,
     CorruptArtifact,
-    InvalidTenantId,
     TenantNotFound,
 )
+from adistill.inference.fair_queue import FairBatcher
 from adistill.inference.serve_config import ServeConfig
 from adistill.inference.tenant_cache import LoadedTenant
-from adistill.tenant_id import validate_tenant_id
 
 log = logging.getLogger(__name__)
 
+APP_NAME = "adistill"
+
 
 # --------------------------------------------------------------------------------------------------------------
-# The replica group: encoder + tenant cache + engine, mixed-tenant batches
+# The replica group: encoder + tenant cache + engine, mixed-tenant batches filled fairly across tenants
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -87,9 +88,7 @@ class EncoderGroup:
         )
         self.engine = Engine(self.backbone, config.bank_slots, config.bank_bytes)
         self.forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
-        batcher: Any = self.predict_rows  # serve.batch's wrapper: its setters are not in the type
-        batcher.set_max_batch_size(config.max_batch_size)
-        batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.batcher = FairBatcher(self.predict_rows, config.max_batch_size, config.batch_wait_timeout_s)
         self.stats = {"batches": 0, "rows": 0, "tenant_rows": 0, "forward_seconds": 0.0}
         self.started = time.time()
         log.info("encoder group replica ready: backbone %s on %s", self.backbone.name, device)
@@ -106,7 +105,7 @@ class EncoderGroup:
             log.warning("tenant %r: load failed: %s", tenant_id, exc)
             return {"status": 503, "error": f"tenant {tenant_id!r} cannot be loaded now: {exc}"}
         rows = [Row(tenant_id, text, top_k, tenant) for text in texts]
-        predictions = await asyncio.gather(*(self.predict_rows(row) for row in rows))
+        predictions = await self.batcher.submit(tenant_id, rows)
         return {
             "status": 200,
             "tenant_id": tenant_id,
@@ -114,7 +113,6 @@ class EncoderGroup:
             "predictions": predictions,
         }
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_rows(self, rows: list[Row]) -> list[dict[str, Any]]:
         """One encoder forward for rows of any number of tenants (the engine gathers each row's adapter)."""
         top_k = max(r.top_k for r in rows)
@@ -147,185 +145,22 @@ class EncoderGroup:
             "rows": self.stats["rows"],
             "mean_batch_rows": self.stats["rows"] / batches if batches else None,
             "mean_batch_tenants": self.stats["tenant_rows"] / batches if batches else None,
+            "queue": {
+                "waiting_rows": self.batcher.waiting_rows,
+                "waiting_tenants": self.batcher.waiting_tenants,
+                "max_waiting_rows": self.batcher.max_waiting_rows,
+                "max_waiting_tenants": self.batcher.max_waiting_tenants,
+            },
             "forward_seconds_total": round(self.stats["forward_seconds"], 4),
             "bank": {
-                str(cfg): {"capacity": b.bank.capacity, "used": len(b.slots), "loads": b.loads}
+                f"{cfg.kind}_r{cfg.reduction_factor}": {
+                    "capacity": b.bank.capacity,
+                    "used": len(b.slots),
+                    "loads": b.loads,
+                }
                 for cfg, b in list(self.engine.banks.items())  # the forward thread may add a bank
             },
         }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The HTTP ingress
-# --------------------------------------------------------------------------------------------------------------
-
-
-class PredictRequest(BaseModel):
-    """`texts`: non-empty strings (over-long ones are truncated to the tenant's max length in tokens)."""
-
-    model_config = ConfigDict(extra="forbid")
-    texts: list[StrictStr] = Field(min_length=1, examples=[["how do i pay my bill", "what is my balance"]])
-    top_k: StrictInt = Field(default=3, examples=[3])
-
-
-class Label(BaseModel):
-    label: str
-    score: float
-
-
-class PredictionOut(BaseModel):
-    labels: list[Label]
-    out_of_scope: bool
-
-
-class PredictResponse(BaseModel):
-    tenant_id: str
-    adapter_version: int
-    predictions: list[PredictionOut]
-
-
-class ErrorResponse(BaseModel):
-    error: str
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "malformed tenant id",
-        404: "unknown tenant",
-        413: "too many texts or body too large",
-        422: "bad body: empty list, non-string or empty text, top_k out of range",
-        503: "the tenant's artifact cannot be loaded",
-    }.items()
-}
-
-api = FastAPI(
-    title="adistill",
-    description="Multi-tenant FAQ / intent retrieval on one shared frozen encoder (per-tenant adapters).",
-    version="1",
-)
-
-
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    parts = []
-    for e in exc.errors():
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{where}: {e.get('msg', 'invalid')}")
-    return error(422, "; ".join(parts) or "invalid request body")
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error(exc.status_code, str(exc.detail))
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error(500, "internal error")
-
-
-@api.middleware("http")
-async def _limit_body(request: Request, call_next: Any) -> Any:
-    """413 before reading a body whose Content-Length is over the limit (the route checks the bytes read too)."""
-    limit = getattr(request.app.state, "max_body_bytes", None)
-    length = request.headers.get("content-length")
-    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-        return error(413, f"request body of {length} bytes is over the limit of {limit} bytes")
-    return await call_next(request)
-
-
-@serve.deployment(name="Ingress")
-@serve.ingress(api)
-class Ingress:
-    """HTTP in front of the encoder group. Registry listings are read here; predictions go to the group."""
-
-    def __init__(self, encoder: DeploymentHandle, config: ServeConfig) -> None:
-        from adistill.store.registry import Registry
-
-        self.encoder = encoder
-        self.config = config
-        self.registry = Registry(config.registry, config.storage_options)
-        api.state.max_body_bytes = config.max_body_bytes
-
-    @api.post(
-        "/v1/tenants/{tenant_id}/predict",
-        response_model=PredictResponse,
-        responses=ERRORS,
-        summary="Top-k labels for each text, from the tenant's adapter",
-    )
-    async def predict(self, tenant_id: str, body: PredictRequest, request: Request) -> Any:
-        try:
-            validate_tenant_id(tenant_id)
-        except InvalidTenantId as exc:
-            return error(400, str(exc))
-        size = len(await request.body())
-        if size > self.config.max_body_bytes:
-            return error(413, f"request body of {size} bytes is over the limit of {self.config.max_body_bytes} bytes")
-        if len(body.texts) > self.config.max_texts:
-            return error(413, f"{len(body.texts)} texts is over the limit of {self.config.max_texts} per request")
-        empty = [i for i, t in enumerate(body.texts) if not t.strip()]
-        if empty:
-            return error(422, f"texts: empty text at position(s) {empty[:10]}")
-        if not 1 <= body.top_k <= self.config.max_top_k:
-            return error(422, f"top_k must be in [1, {self.config.max_top_k}], got {body.top_k}")
-        result: dict[str, Any] = await self.encoder.predict.remote(tenant_id, body.texts, body.top_k)
-        status = result.pop("status")
-        if status != 200:
-            return error(status, result["error"])
-        return result
-
-    @api.get("/v1/tenants", summary="Published tenants")
-    async def tenants(self) -> dict[str, Any]:
-        names = await asyncio.to_thread(self.registry.tenants)
-        return {"tenants": names, "count": len(names)}
-
-    @api.get("/v1/tenants/{tenant_id}", responses=ERRORS, summary="A tenant's latest version and metadata")
-    async def tenant(self, tenant_id: str) -> Any:
-        try:
-            validate_tenant_id(tenant_id)
-            meta, versions = await asyncio.to_thread(self._describe, tenant_id)
-        except InvalidTenantId as exc:
-            return error(400, str(exc))
-        except TenantNotFound:
-            return error(404, f"tenant {tenant_id!r} not found")
-        except AdistillError as exc:
-            return error(503, f"tenant {tenant_id!r}: {exc}")
-        return {
-            "tenant_id": tenant_id,
-            "version": meta.get("version"),
-            "versions": versions,
-            "method": meta.get("method"),
-            "labels": meta.get("labels"),
-            "max_length": meta.get("max_length"),
-            "oos_threshold": meta.get("oos_threshold"),
-            "created_at": meta.get("created_at"),
-            "backbone": meta.get("backbone", {}).get("name"),
-            "parameters": meta.get("parameters"),
-            "metrics": meta.get("metrics"),
-        }
-
-    def _describe(self, tenant_id: str) -> tuple[dict[str, Any], list[int]]:
-        return self.registry.meta(tenant_id), self.registry.versions(tenant_id)
-
-    @api.get("/healthz", summary="Liveness: the ingress answers and an encoder replica answers")
-    async def healthz(self) -> Any:
-        try:
-            metrics = await asyncio.wait_for(self.encoder.metrics.remote(), timeout=10)
-        except Exception as exc:  # reported as unhealthy, not raised
-            return error(503, f"encoder group unavailable: {type(exc).__name__}")
-        cache = metrics["cache"]
-        return {"status": "ok", "replica": metrics["replica"], "cached_tenants": cache["entries"]}
-
-    @api.get("/metrics", summary="Counters of the encoder replica that answers (cache, batching, bank)")
-    async def metrics(self) -> Any:
-        result: dict[str, Any] = await self.encoder.metrics.remote()
-        return result
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -357,11 +192,74 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return build(ServeConfig.from_dict(args))
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError naming the port when something already listens on host:port (checked before Ray starts)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is not "in use"
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"port {port} on {host} is in use ({exc.strerror or exc}): stop what listens there or pass --port"
+            ) from None
+
+
+@contextlib.contextmanager
+def quiet_serve_logs() -> Iterator[None]:
+    """Serve's driver-side INFO lines ("Connecting to existing Serve app ... New http_options will not be applied",
+    "Application ... is ready") read as if the user's options were ignored: callers print their own lines."""
+    logger = logging.getLogger("ray.serve")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _running_http() -> tuple[str, int] | None:
+    """(host, port) of the Serve instance already running on the connected cluster, else None."""
+    from ray.serve.context import _get_global_client  # no public "is Serve running here?" call
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        client = _get_global_client(raise_if_no_controller_running=True)
+    except RayServeException:
+        return None
+    if client is None:
+        return None
+    return str(client.http_config.host), int(client.http_config.port)
+
+
+def _start(config: ServeConfig, host: str, port: int) -> str:
+    """Deploy the app on the connected cluster (starting Serve's HTTP proxy at host:port unless Serve runs already,
+    in which case its address must be that one); returns the base URL."""
+    with quiet_serve_logs():
+        running = _running_http()
+        if running is None:
+            serve.start(http_options={"host": host, "port": port})
+        elif running != (host, port):
+            raise ConfigError(
+                f"Ray Serve already runs on this cluster with HTTP on {running[0]}:{running[1]}, and a cluster has one "
+                f"HTTP address: pass --host {running[0]} --port {running[1]}"
+            )
+        serve.run(build(config), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
 def run_until_interrupted(
-    config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, address: str | None = None
+    config: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    ready: Callable[[str], object] | None = None,
 ) -> None:
-    """`adistill serve`: start (or join, with `address`) Ray, deploy the app, block until Ctrl-C or SIGTERM (raised
-    as KeyboardInterrupt), then delete the app and stop what this call started."""
+    """`adistill serve`: start a private local Ray (or join `address` / `RAY_ADDRESS`), deploy the app, call
+    `ready(url)`, block until Ctrl-C or SIGTERM (raised as KeyboardInterrupt), then clean up: a local Ray this call
+    started is shut down whole (its processes may already be gone when SIGTERM went to the whole process group, as
+    systemd sends it); on a cluster it joined, only the app is deleted. A busy port is a ConfigError before anything
+    starts."""
     import os
     import signal
     import threading
@@ -371,41 +269,82 @@ def run_until_interrupted(
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    if address is None and not ray.is_initialized():
+    joining = address is not None or bool(os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
+    if not joining:
+        check_port_free(host, port)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance (STACK-NOTES)
-    started_ray = ensure_ray(address)
+    # "local": never attach to another process's instance (`ray start` leaves its address for plain ray.init())
+    connected = ensure_ray(address if joining else "local")
     previous = None
     if threading.current_thread() is threading.main_thread():
         # after ray.init, which installs its own SIGTERM handler (log + abort): a stop cleans up like Ctrl-C
         previous = signal.signal(signal.SIGTERM, stop)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build(config), name=APP_NAME, route_prefix="/")
-        log.info("adistill serving %s on http://%s:%d", config.registry, host, port)
+        url = _start(config, host, port)
+        log.info("adistill serving %s at %s", config.registry, url)
+        if ready is not None:
+            ready(url)
         while True:
             time.sleep(1.0)
     finally:
         try:
-            serve.delete(APP_NAME)
-            if started_ray:
-                serve.shutdown()
+            if joining:
+                with quiet_serve_logs(), contextlib.suppress(Exception):
+                    serve.delete(APP_NAME)  # the cluster's Serve keeps running for its other applications
+                if connected:
+                    ray.shutdown()  # disconnects; the cluster goes on
+            else:
+                _stop_local_ray()
         finally:
-            if started_ray:
-                ray.shutdown()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
 
-APP_NAME = "adistill"
+def _stop_local_ray(timeout_s: float = 15.0) -> None:
+    """Stop the local Ray this process started, Serve with it (no Serve shutdown call first: that only waits on a
+    controller that dies with the cluster anyway, and prints a task failure). Bounded: if Ray's own shutdown hangs
+    on processes that are already gone, they are killed and the call returns."""
+    import threading
+
+    import ray
+
+    done = threading.Event()
+
+    def shutdown() -> None:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        done.set()
+
+    threading.Thread(target=shutdown, name="ray-shutdown", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("Ray did not stop within %.0f s; killing its processes", timeout_s)
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is not None:
+            with contextlib.suppress(Exception):
+                node.kill_all_processes(check_alive=False, allow_graceful=False)
 
 
 @contextlib.contextmanager
 def serving(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> Iterator[str]:
-    """Serve `config` on the Ray this process is connected to while the block runs (yields the base URL), then shut
-    Serve down: what the demo and tests use."""
-    serve.start(http_options={"host": host, "port": port})
+    """Serve `config` on the Ray this process is connected to while the block runs (yields the base URL), then delete
+    the app: what the demo uses. Serve itself (its controller and HTTP proxy) stops with the Ray instance: a
+    `serve.shutdown()` here would only print a task failure ("graceful_shutdown failed") for a controller that has
+    nothing left to serve."""
+    url = _start(config, host, port)
     try:
-        serve.run(build(config), name=APP_NAME, route_prefix="/")
-        yield f"http://{host}:{port}"
+        yield url
     finally:
-        serve.shutdown()
+        with quiet_serve_logs(), contextlib.suppress(Exception):
+            serve.delete(APP_NAME)
+
+
+__all__ = [
+    "APP_NAME",
+    "EncoderGroup",
+    "Ingress",
+    "ServeConfig",
+    "build",
+    "build_app",
+    "run_until_interrupted",
+    "serving",
+]

@@ -150,7 +150,7 @@ def tune_tenants(
         raise ConfigError(f"tenants to tune must be distinct and at least one, got {tenant_ids}")
     entries = [manifest.tenant(t) for t in tenant_ids]
     backbone = load_backbone(options.backbone, "cpu", options.storage_options)
-    published = registry.teachers(backbone.fingerprint, exclude=tenant_ids)
+    published = registry.adapters_for(backbone.fingerprint, exclude=tenant_ids)
     if not published:
         raise ConfigError(
             f"registry {registry.uri} holds no teacher adapters for backbone {backbone.name!r} "
@@ -159,7 +159,7 @@ def tune_tenants(
     tenants: list[dict[str, Any]] = []
     for e in entries:  # each tuned tenant gets its own teachers, chosen as onboarding would choose them
         recipe = space.apply(e.recipe(base_config)).replace(method="distill")  # tuning searches stage 2
-        job = TenantJob(e.id, absolute_uri(str(e.data)), recipe)
+        job = TenantJob(e.id, absolute_uri(str(e.data)), recipe, e.text_column, e.label_column)
         data = load_job_data(job, options.storage_options) if options.teacher_selection.uses_data else None
         pool = RegistryPool(registry, published, backbone)
         selection = choose_teachers(pool, e.id, backbone, recipe, options.teacher_selection, data)
@@ -168,6 +168,7 @@ def tune_tenants(
             {
                 "id": e.id,
                 "data": job.data,
+                "columns": list(job.columns),
                 "recipe": recipe.to_dict(),
                 "teachers": [list(pair) for pair in selection.pairs],
                 "teacher_selection": selection.lineage(),

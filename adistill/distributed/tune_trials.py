@@ -31,7 +31,7 @@ def stage1_task(spec: dict[str, Any]) -> dict[str, bytes]:
     backbone = load_checked_backbone(spec["backbone"], device, spec["storage_options"], spec["fingerprint"])
     tenant = spec["tenant"]
     cfg = RecipeConfig.from_dict(tenant["recipe"])
-    job = TenantJob(tenant["id"], tenant["data"], cfg)
+    job = TenantJob(tenant["id"], tenant["data"], cfg, *tenant["columns"])
     data = load_job_data(job, spec["storage_options"])
     return stage1_files(tenant["id"], Stage1(*train_adapter(backbone, data, cfg)), backbone, cfg, data)
 
@@ -124,7 +124,7 @@ def _trial_worker(loop_config: dict[str, Any]) -> None:
         context["backbone"], device, context["storage_options"], context["backbone_fingerprint"]
     )
     cfg = RecipeConfig.from_dict(_merge_values(RecipeConfig.from_dict(tenant["recipe"]), loop_config["config"]))
-    data = load_job_data(TenantJob(tenant["id"], tenant["data"], cfg), context["storage_options"])
+    data = load_job_data(TenantJob(tenant["id"], tenant["data"], cfg, *tenant["columns"]), context["storage_options"])
     stage1 = RunFolder(context["storage_uri"], context["name"], context["storage_options"]).read(tenant["stage1"])
     if stage1 is None:
         raise AdistillError(f"stage 1 of {tenant['id']!r} is missing from the experiment's storage")

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adistill.config import Config, at_least, require
+from adistill.inference.quotas import Quota
+from adistill.tenant_id import TENANT_ID_PATTERN
 
 
 @dataclass(frozen=True)
@@ -14,10 +16,11 @@ class ServeConfig(Config):
     """Everything the application reads; `build_app` args and `adistill serve` flags become this once.
 
     Types are checked from the annotations (adistill.config.Config); in `from_dict`, a None
-    storage_options/ray_actor_options/ingress_ray_actor_options (an empty YAML value) means the default."""
+    storage_options/ray_actor_options/ingress_ray_actor_options/quota/tenant_quotas (an empty YAML value) means the
+    default."""
 
     label = "serve config"
-    none_means_default = ("storage_options", "ray_actor_options", "ingress_ray_actor_options")
+    none_means_default = ("storage_options", "ray_actor_options", "ingress_ray_actor_options", "quota", "tenant_quotas")
 
     registry: str  # fsspec URI of the registry: ./registry, file:///..., s3://bucket/prefix
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (s3: key, secret, client_kwargs)
@@ -39,6 +42,22 @@ class ServeConfig(Config):
     ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1})  # encoder replicas
     ingress_replicas: int = 1
     ingress_ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0.1})
+    # security and quotas (docs/serving.md, "Security" and "Quotas and fairness")
+    auth: bool = True  # require `Authorization: Bearer <key>`; false only behind something that authenticates
+    keys: str | None = None  # key store URI (`adistill keys --keys`); default: <registry>/_keys
+    admin_key_env: str | None = "ADISTILL_ADMIN_KEY"  # an environment variable holding one more admin key
+    quota: Quota = field(default_factory=Quota)  # every tenant's limits (per tenant, split over ingress replicas)
+    tenant_quotas: dict[str, dict[str, Any]] = field(default_factory=dict)  # tenant id -> its own limits
+
+    def quota_for(self, tenant_id: str) -> Quota:
+        """`quota` with the tenant's own `tenant_quotas` entry on top."""
+        override = self.tenant_quotas.get(tenant_id)
+        if not override:
+            return self.quota
+        return Quota.from_dict({**self.quota.to_dict(), **override}, where=f"tenant_quotas.{tenant_id}")
+
+    def quota_overrides(self) -> dict[str, Quota]:
+        return {t: self.quota_for(t) for t in self.tenant_quotas}
 
     def check(self) -> None:
         require(bool(self.registry.strip()), "registry is required (the registry URI)")
@@ -54,6 +73,23 @@ class ServeConfig(Config):
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"device must be auto, cpu or cuda[:N], got {self.device!r}",
         )
+        require(self.keys is None or bool(self.keys.strip()), "keys must be a URI or null")
+        require(
+            self.admin_key_env is None or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.admin_key_env) is not None,
+            f"admin_key_env must be an environment variable name or null, got {self.admin_key_env!r}",
+        )
+        for tenant_id, override in self.tenant_quotas.items():
+            require(
+                TENANT_ID_PATTERN.fullmatch(tenant_id) is not None,
+                f"tenant_quotas: {tenant_id!r} is not a valid tenant id",
+            )
+            unknown = sorted(set(override) - {"requests_per_s", "burst", "rows_in_flight"})
+            require(
+                not unknown,
+                f"tenant_quotas.{tenant_id}: unknown key(s) {unknown}; expected some of "
+                "['burst', 'requests_per_s', 'rows_in_flight']",
+            )
+            self.quota_for(tenant_id)  # the merged limits validate (ConfigError naming the tenant)
 
     @property
     def ongoing_requests(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from adistill.backbone import Backbone
@@ -12,9 +14,18 @@ from adistill.model import Encoded, TenantModel
 EVAL_BATCH = 128
 
 
+# Called after each scored batch with the number of texts in it (a progress bar's `update`).
+BatchProgress = Callable[[int], object]
+
+
 @torch.no_grad()
 def predict_probs(
-    backbone: Backbone, model: TenantModel, texts: list[str], max_length: int, batch_size: int = EVAL_BATCH
+    backbone: Backbone,
+    model: TenantModel,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = EVAL_BATCH,
+    progress: BatchProgress | None = None,
 ) -> torch.Tensor:
     """(len(texts), num_labels) probabilities, in the order of `texts`."""
     encoded = Encoded(backbone, texts, [0] * len(texts), max_length)
@@ -24,6 +35,8 @@ def predict_probs(
         index = order[start : start + batch_size]
         batch = encoded.batch(index)
         out[index] = model.logits(backbone, batch.input_ids, batch.attention_mask).float().softmax(-1).cpu()
+        if progress is not None:
+            progress(len(index))
     return out
 
 
@@ -38,20 +51,23 @@ def accuracy(backbone: Backbone, model: TenantModel, split: Split, max_length: i
     return float((pred == gold).float().mean())
 
 
-def evaluate(backbone: Backbone, model: TenantModel, split: Split, max_length: int) -> dict[str, float]:
-    """In-scope accuracy; with out-of-scope rows and a threshold also OOS recall and accepted accuracy."""
+def evaluate(
+    backbone: Backbone, model: TenantModel, split: Split, max_length: int, progress: BatchProgress | None = None
+) -> dict[str, float]:
+    """In-scope accuracy; with out-of-scope rows and a threshold also OOS recall and accepted accuracy. Counts
+    (`examples`, `oos_examples`) are ints. `progress(n)` is called after each batch of n texts is scored."""
     inside, outside = split.in_scope(), split.out_of_scope()
-    metrics: dict[str, float] = {"examples": float(len(inside)), "accuracy": float("nan")}
+    metrics: dict[str, float] = {"examples": len(inside), "accuracy": float("nan")}
     if not len(inside):
         return metrics
     index = {y: i for i, y in enumerate(model.labels)}
-    probs = predict_probs(backbone, model, inside.texts, max_length)
+    probs = predict_probs(backbone, model, inside.texts, max_length, progress=progress)
     correct = probs.argmax(-1) == torch.tensor([index[y] for y in inside.labels])
     metrics["accuracy"] = float(correct.float().mean())
     if model.oos_threshold is not None and len(outside):
         t = model.oos_threshold
-        oos_top = predict_probs(backbone, model, outside.texts, max_length).max(-1).values
-        metrics["oos_examples"] = float(len(outside))
+        oos_top = predict_probs(backbone, model, outside.texts, max_length, progress=progress).max(-1).values
+        metrics["oos_examples"] = len(outside)
         metrics["oos_recall"] = float((oos_top < t).float().mean())
         metrics["in_scope_accepted_accuracy"] = float(((probs.max(-1).values >= t) & correct).float().mean())
     return metrics

@@ -16,7 +16,8 @@ from adistill.model import Batch, Encoded
 
 log = logging.getLogger(__name__)
 
-# Called once per epoch with {"stage", "epoch", "epochs", "loss", "val_accuracy", "best"}.
+# Called once per epoch with {"stage", "epoch", "epochs", "loss", "val_accuracy", "best", "seconds"} (seconds since
+# the stage started).
 Progress = Callable[[dict[str, object]], None]
 
 
@@ -42,8 +43,7 @@ def fit(
 ) -> FitResult:
     """Train the trainable parameters of `modules`, restore the weights of the best validation epoch.
 
-    Only trained epochs compete (as in the method's reference set-up): stage 2 returns its best stage-2 epoch,
-    not the stage-1 weights it started from."""
+    Only trained epochs compete: stage 2 returns its best stage-2 epoch, not the stage-1 weights it started from."""
     params = [p for p in modules.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{stage}: nothing to train")
@@ -78,6 +78,7 @@ def fit(
                     "loss": total / count,
                     "val_accuracy": acc,
                     "best": best_acc,
+                    "seconds": round(time.perf_counter() - start, 3),
                 }
             )
         log.debug("%s epoch %d loss %.4f val %.4f", stage, epoch, total / count, acc)

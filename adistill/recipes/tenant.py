@@ -7,7 +7,7 @@ from typing import Any
 
 from adistill.backbone import Backbone
 from adistill.config import RecipeConfig
-from adistill.data import TenantData, few_shot, read_tenant_data
+from adistill.data import LABEL_COLUMN, TEXT_COLUMN, TenantData, few_shot, read_tenant_data
 from adistill.recipes import TrainResult, train_tenant
 from adistill.recipes.loop import Progress
 from adistill.recipes.train import Teacher
@@ -17,16 +17,25 @@ from adistill.tenant_id import validate_tenant_id
 
 @dataclass
 class TenantJob:
+    """One tenant to train: its id, data URI, recipe and the data's column names (`text`/`label` by default)."""
+
     tenant_id: str
     data: str
     config: RecipeConfig
+    text_column: str = TEXT_COLUMN
+    label_column: str = LABEL_COLUMN
 
     def __post_init__(self) -> None:
         validate_tenant_id(self.tenant_id)
 
+    @property
+    def columns(self) -> tuple[str, str]:
+        """(text column, label column)."""
+        return self.text_column, self.label_column
+
 
 def load_job_data(job: TenantJob, storage_options: dict[str, Any] | None = None) -> TenantData:
-    data = read_tenant_data(job.data, storage_options, seed=job.config.seed)
+    data = read_tenant_data(job.data, storage_options, job.config.seed, *job.columns)
     return few_shot(data, job.config.shots, job.config.seed) if job.config.shots else data
 
 
@@ -39,6 +48,8 @@ def data_record(job: TenantJob, data: TenantData, backbone: Backbone | None = No
         "train_examples": len(data.train),
         "num_labels": len(data.labels),
     }
+    if job.columns != (TEXT_COLUMN, LABEL_COLUMN):
+        record["columns"] = {"text": job.text_column, "label": job.label_column}
     if backbone is not None:
         record["embedding"] = data_embedding(backbone, data.train.texts, job.config.max_length)
     return record

@@ -8,7 +8,7 @@ from typing import Any
 
 from adistill.backbone import Backbone
 from adistill.config import RecipeConfig
-from adistill.data import TenantData
+from adistill.data import OOS_LABEL, TenantData
 from adistill.errors import ConfigError
 from adistill.model import TenantModel
 from adistill.recipes.baselines import train_finetune, train_fusion
@@ -49,7 +49,8 @@ def train_tenant(
     progress: Progress | None = None,
     stage1: tuple[TenantModel, FitResult] | None = None,
 ) -> TrainResult:
-    """Train one tenant with `cfg.method`; teachers are used by `distill` and `fusion` only.
+    """Train one tenant with `cfg.method`; teachers are used by `distill` and `fusion` only. `distill` without
+    teachers is stage 1 alone, recorded as method `adapter` (the recipe in the metadata still says `distill`).
 
     `stage1` (a trained stage-1 model and its fit) skips stage 1: onboarding resumes from its checkpoint."""
     teachers = list(teachers) if cfg.method in ("distill", "fusion") else []
@@ -71,11 +72,19 @@ def train_tenant(
             model, stages["fusion"] = train_fusion(backbone, data, cfg, model, adapters, progress)
         elif cfg.method == "distill" and teachers:
             model, stages["stage2"] = distill(backbone, data, cfg, model, adapters, progress)
-        elif cfg.method == "distill":
-            log.warning("no teachers: 'distill' is stage 1 alone for this tenant")
-            model.method = "distill"
+        elif cfg.method == "distill":  # stage 1 alone is an adapter, and the artifact says so
+            log.warning("no teachers: 'distill' is stage 1 alone for this tenant; its artifact's method is 'adapter'")
+            model.method = "adapter"
     model.max_length = cfg.max_length
     model.oos_threshold = calibrate(backbone, model, data.validation, cfg.max_length)
+    if model.oos_threshold is None:
+        log.warning(
+            "%s: no out-of-scope threshold: the validation data has no %r rows, so predictions never flag a query "
+            "as out of scope; add %r rows to the validation (or training) data to calibrate one",
+            data.source,
+            OOS_LABEL,
+            OOS_LABEL,
+        )
     metrics: dict[str, Any] = {
         "validation": evaluate(backbone, model, data.validation, cfg.max_length),
         "train_examples": len(data.train),

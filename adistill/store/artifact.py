@@ -123,6 +123,7 @@ def artifact_files(
         "pooling": model.head.pooling,
         "max_length": cfg.max_length,
         "oos_threshold": model.oos_threshold,
+        "out_of_scope": out_of_scope_record(model.oos_threshold),
         "adapter": {
             **cfg.adapter.__dict__,
             "bottleneck": cfg.adapter.bottleneck(backbone.hidden_size),
@@ -155,6 +156,16 @@ def artifact_files(
         **(extra or {}),
     }
     return {WEIGHTS: weights, CONFIG: (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def out_of_scope_record(threshold: float | None) -> dict[str, Any]:
+    """Whether out-of-scope detection is on for an artifact, and why not when it is off (its `out_of_scope`)."""
+    if threshold is not None:
+        return {"calibrated": True}
+    return {
+        "calibrated": False,
+        "reason": "no 'oos' rows in the validation data: predictions never flag a query as out of scope",
+    }
 
 
 def parse_meta(config_bytes: bytes, where: str) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class Store(Protocol):
     def delete_tree(self, path: str) -> None: ...
     def list_dirs(self, path: str) -> list[str]: ...
     def list_pointers(self, path: str, name: str) -> list[str]: ...
+    def root_exists(self) -> bool: ...
 
 
 class LocalStore:
@@ -139,6 +140,9 @@ class LocalStore:
         if not target.is_dir():
             return []
         return sorted(p.name for p in target.iterdir() if (p / name).is_file())
+
+    def root_exists(self) -> bool:
+        return self.root.is_dir()
 
 
 def s3_code(exc: BaseException) -> str:
@@ -265,6 +269,10 @@ class S3Store:
                 out.append(parts[0])
         return sorted(out)
 
+    def root_exists(self) -> bool:
+        self.fs.invalidate_cache(self.root)
+        return bool(self.fs.exists(self.root))
+
 
 class FsspecStore:
     """Any other fsspec filesystem. Writes of one object are assumed atomic; exclusive create and the pointer
@@ -327,6 +335,10 @@ class FsspecStore:
 
     def list_pointers(self, path: str, name: str) -> list[str]:
         return [d for d in self.list_dirs(path) if self.read(f"{path}/{d}/{name}") is not None]
+
+    def root_exists(self) -> bool:
+        self.fs.invalidate_cache(self.root)
+        return bool(self.fs.exists(self.root))
 
 
 def open_store(uri: str, storage_options: dict[str, Any]) -> Store:

@@ -284,6 +284,12 @@ class Registry:
         log.info("deleted %s version %d from %s", tenant_id, version, self.uri)
 
     # ---------------------------------------------------------------------------------------------- reads
+    def exists(self) -> bool:
+        """Whether anything is at the registry's root (a folder; on S3, objects under the prefix). Publishing
+        creates it; read commands refuse a registry that does not exist, so a typo is not an empty registry."""
+        with self._storage("check that it exists"):
+            return self._store.root_exists()
+
     def latest_version(self, tenant_id: str) -> int | None:
         """The version the pointer names (one small read), or None for an unknown tenant."""
         got = self._read_pointer(tenant_id)
@@ -343,7 +349,7 @@ class Registry:
         version = int(json.loads(files[CONFIG])["version"])
         return artifact_from_files(files, backbone, self._where(tenant_id, version))
 
-    def teachers(self, backbone_fingerprint: str, exclude: Iterable[str] = ()) -> list[tuple[str, int]]:
+    def adapters_for(self, backbone_fingerprint: str, exclude: Iterable[str] = ()) -> list[tuple[str, int]]:
         """(tenant_id, latest version) of published single-adapter tenants (adapter, distill) on that backbone.
 
         Metadata only; tenants whose metadata is unreadable or corrupt are skipped with a warning."""

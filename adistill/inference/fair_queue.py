@@ -1,0 +1,148 @@
+"""Rows of many tenants -> encoder batches, served round-robin across the tenants that have rows waiting.
+
+`FairBatcher.submit(tenant, items)` queues one row per item under its tenant and resolves to the outputs in order.
+One loop builds each batch of up to `max_batch_size` rows by taking one row from each waiting tenant in turn (the
+tenant served longest ago first: deficit round-robin with a quantum of one row and equal weights), so a tenant
+with thousands of rows queued takes at most its share of a batch, and another tenant's row waits for at most the
+batch in progress. Like Serve's `@serve.batch`, a partial batch waits at most `batch_wait_timeout_s` after its
+oldest row arrived for more rows; one batch runs at a time. Rows whose caller went away (cancelled) are dropped.
+
+Plain asyncio: no Ray. The encoder replica runs one of these (adistill.distributed.serve.EncoderGroup).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+Out = TypeVar("Out")
+
+
+class FairBatcher(Generic[R, Out]):
+    """See the module docstring. `run(rows) -> outputs` (same length, same order) does one batch."""
+
+    def __init__(
+        self,
+        run: Callable[[list[R]], Awaitable[list[Out]]],
+        max_batch_size: int = 32,
+        batch_wait_timeout_s: float = 0.005,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        # tenant -> its waiting rows (item, future, arrival time); order = next to serve first
+        self._queues: OrderedDict[Hashable, deque[tuple[R, asyncio.Future[Out], float]]] = OrderedDict()
+        self._waiting = 0
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.max_waiting_rows = 0
+        self.max_waiting_tenants = 0
+
+    async def submit(self, tenant: Hashable, items: list[R]) -> list[Out]:
+        """Queue `items` for `tenant`; their outputs, in order, once their batches ran."""
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        now = loop.time()
+        futures: list[asyncio.Future[Out]] = [loop.create_future() for _ in items]
+        queue = self._queues.get(tenant)
+        if queue is None:
+            queue = self._queues[tenant] = deque()  # a new tenant joins the end of the round
+        queue.extend((item, f, now) for item, f in zip(items, futures))
+        self._waiting += len(items)
+        self.max_waiting_rows = max(self.max_waiting_rows, self._waiting)
+        self.max_waiting_tenants = max(self.max_waiting_tenants, len(self._queues))
+        assert self._arrived is not None
+        self._arrived.set()
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            for f in futures:
+                f.cancel()  # dropped when their turn comes
+            raise
+
+    @property
+    def waiting_rows(self) -> int:
+        return self._waiting
+
+    @property
+    def waiting_tenants(self) -> int:
+        return len(self._queues)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._task is None or self._task.done():
+            self._arrived = asyncio.Event()
+            self._task = loop.create_task(self._loop(), name="fair-batcher")
+
+    def _oldest(self) -> float:
+        return min(q[0][2] for q in self._queues.values() if q)
+
+    async def _loop(self) -> None:
+        assert self._arrived is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            deadline = self._oldest() + self.batch_wait_timeout_s
+            while self._waiting < self.max_batch_size and (left := deadline - loop.time()) > 0:
+                self._arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), left)
+            batch = self._take()
+            if batch:
+                await self._run(batch)
+
+    def _take(self) -> list[tuple[R, asyncio.Future[Out]]]:
+        """Up to `max_batch_size` live rows, one per waiting tenant in turn."""
+        batch: list[tuple[R, asyncio.Future[Out]]] = []
+        while len(batch) < self.max_batch_size and self._queues:
+            tenant, queue = next(iter(self._queues.items()))
+            while queue and queue[0][1].done():  # a cancelled caller's rows are dropped without taking a turn
+                queue.popleft()
+                self._waiting -= 1
+            if queue:
+                item, future, _ = queue.popleft()
+                self._waiting -= 1
+                batch.append((item, future))
+            if queue:
+                self._queues.move_to_end(tenant)
+            else:
+                del self._queues[tenant]
+        return batch
+
+    async def _run(self, batch: list[tuple[R, asyncio.Future[Out]]]) -> None:
+        try:
+            outputs = await self.run([item for item, _ in batch])
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} rows gave {len(outputs)} outputs")
+        except Exception as exc:  # every row of the batch gets the error; the loop goes on
+            log.exception("batch of %d rows failed", len(batch))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), out in zip(batch, outputs):
+            if not future.done():
+                future.set_result(out)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+__all__ = ["FairBatcher"]
