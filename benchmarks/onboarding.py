@@ -10,10 +10,11 @@ Ray start-up and the registry's teachers are set up outside the timing.
 - `training_fraction` = training_seconds / (wall_seconds x W); `overhead_seconds_per_tenant` =
   (wall_seconds x W - training_seconds) / N: what each tenant costs beyond its training.
 
-`--compare-per-tenant N` also runs N tenants through the old path (`--per-tenant-runs`: one Train run per tenant,
-W at a time) in the same process, for the ratio. Writes benchmarks/results/onboarding.{json,md,png}.
+The committed results also hold the old path (one Train run per tenant, W at a time), measured in the same run by
+this script's `--compare-per-tenant 16` at commit 678b291, before that path was removed from adistill.
+Writes benchmarks/results/onboarding.{json,md,png}.
 
-    python benchmarks/onboarding.py --tenants 16 64 --workers 2 --compare-per-tenant 16
+    python benchmarks/onboarding.py --tenants 16 64 --workers 2
 """
 
 from __future__ import annotations
@@ -98,13 +99,11 @@ def write_manifest(folder: Path, n: int, tag: str, val_per_intent: int | None = 
     return path
 
 
-def run(registry: Registry, manifest: Path, cfg: RecipeConfig, workers: int, per_tenant: bool, runs: Path) -> dict:
+def run(registry: Registry, manifest: Path, cfg: RecipeConfig, workers: int, runs: Path) -> dict:
     from adistill.distributed.onboard import OnboardOptions, onboard_manifest
     from adistill.manifest import load_manifest
 
-    options = OnboardOptions(
-        workers=workers, resources_per_worker={"CPU": 1}, storage_path=str(runs), per_tenant_runs=per_tenant
-    )
+    options = OnboardOptions(workers=workers, resources_per_worker={"CPU": 1}, storage_path=str(runs))
     loaded = load_manifest(manifest)
     start = time.perf_counter()
     outcomes = onboard_manifest(loaded, registry, cfg, None, options)
@@ -113,7 +112,7 @@ def run(registry: Registry, manifest: Path, cfg: RecipeConfig, workers: int, per
     training = sum(o.train_seconds for o in ok)
     n = len(outcomes)
     row = {
-        "path": "per-tenant runs (old)" if per_tenant else "worker group",
+        "path": "worker group",
         "tenants": n,
         "published": len(ok),
         "failed": [o.to_dict() for o in outcomes if o.status != "published"],
@@ -185,7 +184,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenants", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--compare-per-tenant", type=int, default=0, help="tenants for the old path (0: skip)")
     parser.add_argument("--stage1-epochs", type=int, default=10)
     parser.add_argument("--stage2-epochs", type=int, default=5)
     parser.add_argument("--val-per-intent", type=int, default=None, help="validation queries kept per intent")
@@ -203,12 +201,9 @@ def main() -> None:
     try:
         registry = seed_registry(backbone, workdir / "registry", cfg)
         ray.init(num_cpus=args.workers, configure_logging=False, log_to_driver=False)
-        plan = [(n, False) for n in args.tenants]
-        if args.compare_per_tenant:
-            plan.insert(1, (args.compare_per_tenant, True))  # beside the same-size worker-group run
-        for i, (n, per_tenant) in enumerate(plan):
+        for i, n in enumerate(args.tenants):
             manifest = write_manifest(workdir, n, f"b{i}", args.val_per_intent)
-            runs.append(run(registry, manifest, cfg, args.workers, per_tenant, workdir / f"runs-{i}"))
+            runs.append(run(registry, manifest, cfg, args.workers, workdir / f"runs-{i}"))
     finally:
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)

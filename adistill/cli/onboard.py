@@ -39,7 +39,6 @@ def cmd_onboard(args: argparse.Namespace) -> int:
         storage_options=storage_options(args),
         max_failures=args.max_failures,
         teacher_selection=selection_from_args(args),
-        per_tenant_runs=args.per_tenant_runs,
     )
     registry = registry_from_args(args)
     recipe = base_recipe(args)
@@ -98,11 +97,6 @@ def add_parser(sub: Any) -> None:
         dest="resources_per_worker",
         default=None,
         help='JSON, e.g. \'{"CPU": 1}\' or \'{"CPU": 1, "GPU": 0.25}\' (four workers on one GPU); default 1 CPU',
-    )
-    p.add_argument(
-        "--per-tenant-runs",
-        action="store_true",
-        help="one Ray Train run per tenant (the old path, kept for the onboarding benchmark's comparison)",
     )
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: the job's or a new one")
     p.add_argument("--storage-path", default=None, help="run checkpoints: folder or s3:// (default ~/ray_results)")

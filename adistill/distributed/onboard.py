@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +68,7 @@ class OnboardOptions(Config):
     `resources_per_worker=None`: 1 CPU, plus an equal share of the GPUs when the cluster has any.
     `storage_path`: where Train runs and tenants' checkpoints go (default ~/ray_results; shared storage such as
     s3:// on a multi-node cluster). `max_failures`: worker-group restarts, and how often a tenant goes back to the
-    queue after its worker died. `per_tenant_runs`: one Train run per tenant (the old path, for the benchmark)."""
+    queue after its worker died."""
 
     backbone: str | None = None
     workers: int | None = None
@@ -79,7 +78,6 @@ class OnboardOptions(Config):
     max_failures: int = 2
     poll_seconds: float = 0.5
     teacher_selection: SelectionConfig = field(default_factory=SelectionConfig)
-    per_tenant_runs: bool = False
 
     def check(self) -> None:
         at_least(self, 1, "workers")
@@ -180,11 +178,7 @@ class _Batch:
             "storage_options": options.storage_options,
             "teachers": teachers,
         }
-        if not options.per_tenant_runs:
-            self.run_group(plans, min(workers, len(plans)), resources, context)
-            return
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onboard") as pool:
-            list(pool.map(lambda p: self.run_group([p], 1, resources, context), plans))
+        self.run_group(plans, min(workers, len(plans)), resources, context)
 
     def run_group(
         self, plans: list[TenantPlan], workers: int, resources: dict[str, float], context: dict[str, Any]
