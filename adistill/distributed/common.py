@@ -133,7 +133,8 @@ class TeacherShelf:
     """A worker's teachers, loaded from shipped files on first use and kept for every later tenant."""
 
     def __init__(self, shipped: dict[str, Any], backbone: Backbone) -> None:
-        self.shipped, self.backbone, self.loaded = shipped, backbone, {}  # type: ignore[var-annotated]
+        self.shipped, self.backbone = shipped, backbone
+        self.loaded: dict[str, Any] = {}
 
     def get(self, pairs: Iterable[tuple[str, int | None]]) -> list[Any]:
         from adistill.store.artifact import artifact_from_files

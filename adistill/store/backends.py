@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import fsspec
 
-from adistill.errors import ConfigError
+from adistill.errors import AdistillError, ConfigError
 from adistill.store.artifact import sha256
 
 log = logging.getLogger(__name__)
@@ -369,3 +369,20 @@ def is_storage_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - botocore comes with s3fs
         return False
     return isinstance(exc, (BotoCoreError, ClientError))
+
+
+@contextmanager
+def storage_errors(where: str, doing: str, error: type[Exception]) -> Iterator[None]:
+    """Storage failures (network, credentials, missing bucket) inside the block become one clear `error`:
+    `<where>: cannot <doing>: <detail>`. adistill's own errors and programming errors pass through."""
+    try:
+        yield
+    except AdistillError:
+        raise
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        detail = str(exc) or type(exc).__name__
+        if s3_code(exc) == "NoSuchBucket":
+            detail = f"the bucket does not exist ({detail})"
+        raise error(f"{where}: cannot {doing}: {detail}") from exc

@@ -23,13 +23,13 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from adistill.errors import AdistillError, ConfigError
-from adistill.store.backends import is_storage_error, open_store
+from adistill.store.backends import open_store, storage_errors
 from adistill.tenant_id import validate_tenant_id
 
 log = logging.getLogger(__name__)
@@ -132,16 +132,8 @@ class KeyStore:
     def __reduce__(self) -> tuple[Any, ...]:
         return (KeyStore, (self.uri, self.storage_options))
 
-    @contextmanager
-    def _storage(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except AdistillError:
-            raise
-        except Exception as exc:
-            if not is_storage_error(exc):
-                raise
-            raise KeyStoreError(f"key store {self.uri}: cannot {doing}: {exc or type(exc).__name__}") from exc
+    def _storage(self, doing: str) -> AbstractContextManager[None]:
+        return storage_errors(f"key store {self.uri}", doing, KeyStoreError)
 
     # ------------------------------------------------------------------------------------------------ reading
     def read_tagged(self) -> tuple[list[KeyRecord], str | None]:

@@ -25,14 +25,14 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from adistill.backbone import Backbone
 from adistill.errors import AdistillError, ConfigError, CorruptArtifact, TenantNotFound
 from adistill.store.artifact import CONFIG, WEIGHTS, Artifact, artifact_from_files, parse_meta, sha256, verify_files
-from adistill.store.backends import is_storage_error, open_store, s3_code
+from adistill.store.backends import open_store, storage_errors
 from adistill.tenant_id import TENANT_ID_PATTERN, validate_tenant_id
 
 log = logging.getLogger(__name__)
@@ -116,20 +116,9 @@ class Registry:
         base = f"{self.uri}/tenants/{tenant_id}"
         return base if version is None else f"{base}/{version_dir(version)}"
 
-    @contextmanager
-    def _storage(self, doing: str) -> Iterator[None]:
+    def _storage(self, doing: str) -> AbstractContextManager[None]:
         """Storage failures (network, credentials, missing bucket) become one clear RegistryError."""
-        try:
-            yield
-        except AdistillError:
-            raise
-        except Exception as exc:
-            if not is_storage_error(exc):
-                raise
-            detail = str(exc) or type(exc).__name__
-            if s3_code(exc) == "NoSuchBucket":
-                detail = f"the bucket does not exist ({detail})"
-            raise RegistryError(f"registry {self.uri}: cannot {doing}: {detail}") from exc
+        return storage_errors(f"registry {self.uri}", doing, RegistryError)
 
     # ---------------------------------------------------------------------------------------------- pointer
     def _read_pointer(self, tenant_id: str) -> tuple[dict[str, Any], str] | None:
