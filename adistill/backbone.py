@@ -38,7 +38,8 @@ class Backbone:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-    fingerprint: str
+    fingerprint: str  # of the fp32 weights as loaded: an int8 copy still matches the artifacts trained on them
+    precision: str = "fp32"  # "fp32", or "int8" (linear layers dynamically quantized; CPU only)
 
     @property
     def hidden_size(self) -> int:
@@ -101,12 +102,21 @@ def _download(uri: str, storage_options: dict[str, Any]) -> Path:
     return target
 
 
+PRECISIONS = ("fp32", "int8")
+
+
 def load_backbone(
     spec: str | None = None,
     device: str | torch.device = "cpu",
     storage_options: dict[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> Backbone:
-    """Load the frozen encoder named by `spec` (default: the packaged all-MiniLM-L6-v2)."""
+    """Load the frozen encoder named by `spec` (default: the packaged all-MiniLM-L6-v2). `precision="int8"`
+    quantizes its linear layers after fingerprinting (`quantize_int8`)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "int8" and torch.device(device).type != "cpu":
+        raise ConfigError(f"precision int8 runs on CPU only (PyTorch dynamic quantization), not on {device}")
     name, path = resolve_backbone_path(spec, storage_options)
     with _quiet_transformers():
         model = AutoModel.from_pretrained(str(path), add_pooling_layer=False, attn_implementation="sdpa")
@@ -114,8 +124,27 @@ def load_backbone(
     check_supported(model)
     model.eval().requires_grad_(False).to(device)
     backbone = Backbone(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model))
-    log.info("loaded backbone %s from %s (fingerprint %s)", name, path, backbone.fingerprint[:12])
+    if precision == "int8":
+        quantize_int8(backbone)
+    log.info("loaded backbone %s from %s (fingerprint %s, %s)", name, path, backbone.fingerprint[:12], precision)
     return backbone
+
+
+def quantize_int8(backbone: Backbone, per_channel: bool = True) -> None:
+    """Replace the encoder's `nn.Linear` layers with int8 dynamically quantized ones (weights int8, one scale per
+    output channel; activations quantized per batch), in place. Embeddings, LayerNorms, adapters and heads stay fp32;
+    the adapters still see the same hidden states in the same places (adistill.encoder routes around the layers'
+    modules). Per-channel scales keep CLINC150 accuracy where one scale per tensor lost most of a point
+    (benchmarks/results/serving.md, "int8")."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao; still in torch 2.13
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+        qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+        quantize_dynamic(backbone.model, {torch.nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
+    backbone.precision = "int8"
 
 
 @contextmanager

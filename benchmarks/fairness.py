@@ -139,7 +139,6 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "max_batch_size": args.batch,
         "batch_wait_timeout_s": 0.002,
         "ray_actor_options": {"num_cpus": 1, **({"num_gpus": args.num_gpus} if args.num_gpus else {})},
-        "ingress_ray_actor_options": {"num_cpus": 0.5},
         "quota": quota,
         "tenant_quotas": {"flood": flood_quota} if flood_quota else None,
     }
@@ -214,7 +213,7 @@ def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quie
             if batches
             else None,
             "max_waiting_rows": after["queue"]["max_waiting_rows"],
-            "refused": after["ingress"]["refused"]["by_tenant"],
+            "refused": after["http"]["refused"]["by_tenant"],
         },
     }
     q_alone, q_flood = report["quiet_alone"], report["quiet_under_flood"]
@@ -247,8 +246,9 @@ def markdown(report: dict[str, Any]) -> str:
             else ""
         )
         + ", flood clients "
-        f"{'ignore' if s['flood_ignores_retry_after'] else 'honour'} Retry-After. {m['cpu']} ({m['cores']} cores), "
-        f"{report['date']}; client, proxy, ingress and encoder replica share the machine.",
+        f"{'ignore' if s['flood_ignores_retry_after'] else 'honour'} Retry-After, HTTP front "
+        f"{s.get('http_proxy', 'ray')}. {m['cpu']} ({m['cores']} cores), "
+        f"{report['date']}; client, proxy and encoder replica share the machine.",
         "",
         "| quiet tenant | requests | p50 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|",
@@ -288,7 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood-rows-in-flight", type=int, default=None, help="the flooding tenant's own quota")
     p.add_argument("--json", default="benchmarks/results/fairness.json", help="JSON out; .md beside it")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny encoder, 30 requests per phase")
+    p.add_argument(
+        "--http-proxy",
+        choices=("ray", "haproxy"),
+        default="ray",
+        help="Serve's Python proxy, or its high-throughput mode with HAProxy (needs the haproxy binary)",
+    )
     args = p.parse_args(argv)
+    if args.http_proxy == "haproxy":
+        from serving_http import HAPROXY_ENV
+
+        os.environ.update(HAPROXY_ENV)  # before Ray (and Ray Serve) is imported, in run()
     if args.quick:
         args.backbone, args.requests, args.flood_warmup_s = "tiny", 30, 2.0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
@@ -301,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         k: getattr(args, k)
         for k in ("batch", "device", "num_gpus", "requests", "flood_clients", "flood_texts", "no_quotas")
         + ("flood_requests_per_s", "flood_rows_in_flight", "flood_ignores_retry_after", "flood_warmup_s", "quick")
+        + ("http_proxy",)
     }
     report["machine"] = {
         "cpu": platform.processor() or platform.machine(),

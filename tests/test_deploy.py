@@ -362,8 +362,7 @@ def serve_errors(config: dict[str, Any]) -> list[str]:
         builder = getattr(importlib.import_module(module), attr)
         args = app.get("args", {})
         errors += unknown_keys(AutoscalingConfig, args.get("autoscaling_config"), "args.autoscaling_config")
-        for key in ("ray_actor_options", "ingress_ray_actor_options"):
-            errors += unknown_keys(RayActorOptionsSchema, args.get(key), f"args.{key}")
+        errors += unknown_keys(RayActorOptionsSchema, args.get("ray_actor_options"), "args.ray_actor_options")
         try:
             builder(args)  # the application builder validates its args and binds the deployments
         except (ConfigError, ValueError, TypeError) as exc:

@@ -90,9 +90,7 @@ def test_your_own_data_in_five_commands(
     fields = {f.name for f in dataclasses.fields(ServeConfig)}
     if "auth" in fields and getattr(args, "auth", None) is not None:
         config["auth"] = args.auth == "on"
-    config.update(
-        backbone=str(tiny_path), ray_actor_options={"num_cpus": 0.5}, ingress_ray_actor_options={"num_cpus": 0.1}
-    )
+    config.update(backbone=str(tiny_path), ray_actor_options={"num_cpus": 0.5})
     ray_serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     port = ray_serve.context._get_global_client().http_config.port  # Serve may already run on the shared instance
     ray_serve.run(build_app(config), name="adistill-readme", route_prefix="/")

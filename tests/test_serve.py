@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +92,6 @@ def service(
             "max_batch_size": 16,
             "batch_wait_timeout_s": 0.01,
             "ray_actor_options": {"num_cpus": 0.5},
-            "ingress_ray_actor_options": {"num_cpus": 0.1},
             "auth": False,  # these tests are about answers; keys and quotas: tests/test_serve_auth.py
             "quota": {"requests_per_s": None, "rows_in_flight": None},
             **LIMITS,
@@ -278,3 +278,45 @@ def test_cache_of_3_tenants_cycling_10_stays_correct(service: Service) -> None:
     after = service.http.get("/metrics").json()["cache"]
     assert after["evictions"] - before["evictions"] >= 20
     assert after["entries"] <= 3 and after["bytes"] <= after["max_bytes"]
+
+
+def test_batch_endpoint_answers_rows_of_many_tenants_in_one_request(service: Service) -> None:
+    """`POST /v1/predict` (gateways): each row as the single-tenant endpoint answers it, in request order; an unknown
+    or malformed tenant fails its own rows only; the single-tenant limits apply to the whole request."""
+    rng = random.Random(3)
+    picks = [(rng.choice(TENANTS), rng.randrange(len(TEXTS))) for _ in range(6)]
+    rows = [{"tenant_id": t, "text": TEXTS[i]} for t, i in picks]
+    rows.insert(3, {"tenant_id": "ghost", "text": "hello"})
+    rows.insert(5, {"tenant_id": "../x", "text": "hello"})
+    r = service.http.post("/v1/predict", json={"rows": rows, "top_k": 3})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == len(rows) == 8
+    answered = [res for res in results if "labels" in res]
+    assert len(answered) == 6
+    for res, (t, i) in zip(answered, picks):
+        assert res["tenant_id"] == t and res["adapter_version"] >= 1
+        assert same(res, service.expected[t][i]), (t, res)
+    assert results[3] == {"tenant_id": "ghost", "status": 404, "error": "tenant 'ghost' not found"}
+    assert results[5]["status"] == 400 and results[5]["tenant_id"] == "_invalid"  # named in the message only
+    too_many = [{"tenant_id": "t00", "text": "pay"}] * (LIMITS["max_texts"] + 1)
+    bad = [
+        ({"rows": too_many}, 413),
+        ({"rows": []}, 422),
+        ({"rows": [{"tenant_id": "t00", "text": " "}]}, 422),
+        ({"rows": [{"tenant_id": "t00", "text": 3}]}, 422),
+        ({"rows": [{"tenant_id": "t00"}]}, 422),
+        ({"rows": [{"tenant_id": "t00", "text": "pay"}], "top_k": 99}, 422),
+    ]
+    for body, status in bad:
+        r = service.http.post("/v1/predict", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert isinstance(r.json()["error"], str)
+
+
+def test_every_response_carries_one_request_id(service: Service) -> None:
+    r = service.predict("t00", {"texts": ["pay my bill"]})
+    assert r.status_code == 200 and re.fullmatch(r"[\w.:-]{1,64}", r.headers["x-request-id"]), r.headers
+    r = service.http.post("/v1/tenants/t00/predict", json={"texts": ["x"]}, headers={"x-request-id": "gw-42.a"})
+    assert r.headers["x-request-id"] == "gw-42.a"  # a gateway's own id comes back (and is the logged one)
+    assert service.http.get("/v1/tenants/nope").headers["x-request-id"]

@@ -81,7 +81,6 @@ def service(
             "poll_interval_s": POLL_S,
             "max_batch_size": 8,
             "ray_actor_options": {"num_cpus": 0.5},
-            "ingress_ray_actor_options": {"num_cpus": 0.1},
             "tenant_quotas": {"limited": {"requests_per_s": 1, "burst": 2}},
         }
     )
@@ -171,7 +170,7 @@ def test_1000_random_keys_in_a_row_all_get_401_and_the_service_stays_healthy(ser
     assert statuses == [401] * 1000
     assert service.http.get("/healthz").json()["status"] == "ok"
     assert service.predict("a", service.key_a).status_code == 200
-    refused = service.call("GET", "/metrics", service.admin).json()["ingress"]["refused"]
+    refused = service.call("GET", "/metrics", service.admin).json()["http"]["refused"]
     assert refused["total"]["401"] >= 1000
     assert refused["by_tenant"]["a"]["401"] >= 500 and refused["by_tenant"]["b"]["401"] >= 500
 
@@ -216,8 +215,25 @@ def test_a_tenant_over_its_rate_gets_429_while_another_tenant_keeps_succeeding(s
     time.sleep(int(refused[-1].headers["retry-after"]))
     assert service.predict("limited", service.admin).status_code == 200  # the bucket refilled
     metrics = service.call("GET", "/metrics", service.admin).json()
-    assert metrics["ingress"]["refused"]["by_tenant"]["limited"]["429"] >= len(refused)
-    assert "rows_in_flight" in metrics["ingress"] and metrics["queue"]["max_waiting_rows"] >= 1
+    assert metrics["http"]["refused"]["by_tenant"]["limited"]["429"] >= len(refused)
+    assert "rows_in_flight" in metrics["http"] and metrics["queue"]["max_waiting_rows"] >= 1
+
+
+def test_the_batch_endpoint_checks_every_rows_tenant_against_the_key(service: Service) -> None:
+    def batch(key: str | None, *tenants: str) -> httpx.Response:
+        return service.call(
+            "POST", "/v1/predict", key, json={"rows": [{"tenant_id": t, "text": "hi"} for t in tenants]}
+        )
+
+    r = batch(service.key_a, "a", "a")
+    assert r.status_code == 200 and [x["tenant_id"] for x in r.json()["results"]] == ["a", "a"], r.text
+    assert is_error(batch(service.key_a, "a", "b"), 403)  # one foreign row refuses the request: nothing answered
+    assert is_error(batch(None, "a"), 401)
+    assert is_error(batch("adk_" + "x" * 43, "a"), 401)
+    r = batch(service.admin, "a", "b", "limited", "limited", "limited", "limited")
+    assert r.status_code == 200, r.text
+    statuses = [x.get("status", 200) for x in r.json()["results"]]
+    assert statuses[:2] == [200, 200] and set(statuses[2:]) <= {200, 429}  # a tenant over its rate: its rows only
 
 
 def test_predict_accepts_json_without_a_json_content_type(service: Service) -> None:

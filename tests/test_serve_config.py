@@ -163,7 +163,7 @@ def test_serve_config_required_registry_and_defaults_for_null_options() -> None:
         ServeConfig.from_dict({"max_batch_size": 8})
     with pytest.raises(ConfigError, match="registry is required"):
         ServeConfig(registry="  ")
-    nulls = {"storage_options": None, "ray_actor_options": None, "ingress_ray_actor_options": None}
+    nulls = {"storage_options": None, "ray_actor_options": None}
     assert ServeConfig.from_dict({"registry": "./r", **nulls}) == ServeConfig(registry="./r")  # YAML `key:` = default
     with pytest.raises(ConfigError, match="max_batch_size must be an integer, got None"):
         ServeConfig.from_dict({"registry": "./r", "max_batch_size": None})  # only those three read None as default

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,34 @@ def test_errors_reach_every_row_and_cancelled_rows_are_dropped() -> None:
 
     asyncio.run(main())
     assert all(99 not in rows for rows in seen)
+
+
+def test_the_batch_wait_adapts_to_load() -> None:
+    """A lone sequential caller is answered without the wait; a burst of callers still shares one batch."""
+    batches: list[list[int]] = []
+
+    async def run(rows: list[int]) -> list[int]:
+        batches.append(rows)
+        return rows
+
+    async def main() -> tuple[float, float]:
+        fixed: FairBatcher[int, int] = FairBatcher(run, max_batch_size=8, batch_wait_timeout_s=0.2, adaptive_wait=False)
+        adaptive: FairBatcher[int, int] = FairBatcher(run, max_batch_size=8, batch_wait_timeout_s=0.2)
+        timings = []
+        for batcher in (fixed, adaptive):
+            start = time.perf_counter()
+            for i in range(3):  # one caller: each request only after the previous answer
+                assert await batcher.submit("a", [i]) == [i]
+                await asyncio.sleep(0.25)  # slower than the wait: no other rows are coming
+            timings.append(time.perf_counter() - start - 3 * 0.25)
+        batches.clear()
+        burst = await asyncio.gather(*(adaptive.submit(t, [k]) for k, t in enumerate("abcdefgh")))  # 8 callers at once
+        assert burst == [[k] for k in range(8)]
+        await fixed.close()
+        await adaptive.close()
+        return timings[0], timings[1]
+
+    fixed_s, adaptive_s = asyncio.run(main())
+    assert fixed_s >= 3 * 0.2  # the fixed wait is paid by every lone request
+    assert adaptive_s < 0.5  # the adaptive one skips it (0.6 s if it waited)
+    assert len(batches) <= 2 and sum(map(len, batches)) == 8

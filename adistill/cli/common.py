@@ -57,7 +57,19 @@ def backbone_from_args(args: argparse.Namespace) -> Backbone:
     command that loads a backbone in this process goes through here."""
     from adistill.backbone import load_backbone
 
-    return load_backbone(args.backbone, storage_options=storage_options(args))
+    return load_backbone(
+        args.backbone, storage_options=storage_options(args), precision=getattr(args, "precision", None) or "fp32"
+    )
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="the frozen encoder's precision: fp32 (default) or int8 (linear layers dynamically quantized, CPU; "
+        "faster, accuracy in docs/serving.md)",
+    )
 
 
 def registry_from_args(args: argparse.Namespace) -> Registry:

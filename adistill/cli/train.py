@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from adistill.cli.common import (
     add_data_args,
+    add_precision_arg,
     add_storage_args,
     add_teacher_args,
     backbone_from_args,
@@ -313,6 +314,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data", default=None, help="the data to evaluate --artifact on")
     add_data_args(p, ", or the artifact's")
     p.add_argument("--json", default=None, help="also write the report to this file")
+    add_precision_arg(p)
     add_storage_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -324,5 +326,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--version", type=int, default=None, help="version in --registry (default: latest)")
     p.add_argument("--top-k", type=int, default=3, help="labels per text, best first (1-100, default 3)")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label; none: one per line from stdin")
+    add_precision_arg(p)
     add_storage_args(p)
     p.set_defaults(func=cmd_predict)

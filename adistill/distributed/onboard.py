@@ -9,6 +9,9 @@
 - The driver drains the queue: prints progress, verifies each finished artifact and publishes it. One writer per
   tenant: workers never publish, and a tenant that fails leaves nothing in the registry.
 
+Metrics (adistill.distributed.metrics, exported by Ray while it is connected): each tenant's outcome, the batch's
+tenants per hour and the publish time from the driver; read, training-stage and packaging times from the workers.
+
 Run names are deterministic (tenant, data URI, recipe, backbone, teachers) and name each tenant's checkpoints
 (`store.checkpoints.RunFolder`): a resubmitted job resumes a tenant from its stage-1 checkpoint, and publishes a
 tenant that finished training before its driver died without retraining it. A tenant's own failure (bad data, bad
@@ -38,6 +41,7 @@ from adistill.distributed.common import (
     warn_if_short,
     workers_that_fit,
 )
+from adistill.distributed.metrics import onboarding
 from adistill.distributed.onboard_worker import Message, TenantQueue, TenantTask, worker_loop
 from adistill.errors import AdistillError
 from adistill.manifest import Manifest
@@ -123,6 +127,8 @@ def onboard_manifest(
         batch = _Batch(plans, registry, backbone, options, emit)
         for o in batch.run():
             outcomes[o.tenant_id] = o
+    for o in skipped:  # recorded once Ray is up, if the batch started it (no Ray: nothing exports metrics)
+        onboarding.outcome(o.status)
     return [outcomes[t.id] for t in manifest.tenants]
 
 
@@ -147,16 +153,15 @@ class _Batch:
         return RunFolder(self.storage_uri, plan.run_name, self.options.storage_options)
 
     def run(self) -> list[TenantOutcome]:
-        todo = []
-        for plan in self.plans:
-            files = self.folder(plan).read("done")
+        finished = [(plan, self.folder(plan).read("done")) for plan in self.plans]
+        todo = [plan for plan, files in finished if files is None]
+        if todo:
+            ensure_ray()  # before publishing the finished ones, so that their outcomes reach the metrics too
+        for plan, files in finished:
             if files is not None:  # trained before a driver died: publish it without retraining
                 self.emit(OnboardEvent(plan.job.tenant_id, "resumed", {"from": "finished artifact"}))
                 self.publish(plan, files, {"seconds": 0.0, "train_seconds": 0.0})
-            else:
-                todo.append(plan)
         if todo:
-            ensure_ray()
             self.train(todo)
         return [self.outcomes[p.job.tenant_id] for p in self.plans]
 
@@ -266,10 +271,12 @@ class _Batch:
         outcome.seconds = float(detail.get("seconds", 0.0))
         outcome.train_seconds = float(detail.get("train_seconds", 0.0))
         try:
+            start = time.perf_counter()
             meta = parse_meta(files[CONFIG], tenant)
             verify_files(meta, files, f"finished artifact of {tenant!r}")
             outcome.version = self.registry.publish(tenant, files)
             outcome.status, outcome.accuracy = "published", meta_accuracy(meta)[0]
+            onboarding.stage("publish", time.perf_counter() - start)
             self.folder(plan).remove()
         except AdistillError as exc:
             outcome.error = f"{type(exc).__name__}: {exc}"
@@ -290,6 +297,8 @@ class _Batch:
             "tenants_per_hour": round(rate, 1),
             "eta_s": round((total - done) / rate * 3600) if rate > 0 else None,
         }
+        onboarding.outcome(outcome.status)
+        onboarding.rate(rate)
         self.emit(OnboardEvent(outcome.tenant_id, outcome.status, detail))
 
 

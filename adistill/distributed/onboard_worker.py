@@ -174,16 +174,20 @@ def _train_one(task: TenantTask, queue: Any, token: str, backbone: Any, shelf: A
     """Train one tenant and hand its artifact (or its error) to the queue; never raises for a tenant's fault."""
     from adistill.config import RecipeConfig
     from adistill.distributed.common import short_error
+    from adistill.distributed.metrics import onboarding
     from adistill.recipes.resume import train_resumable
     from adistill.recipes.tenant import TenantJob, data_record, load_job_data
     from adistill.store.checkpoints import RunFolder
 
     start = time.perf_counter()
+    resumed: list[str] = []  # stages restored from a checkpoint: not run (nor timed) again here
 
     def tell(status: str, **detail: Any) -> None:
         queue.event.remote(token, task.tenant_id, status, detail)  # progress is fire-and-forget
 
     def progress(event: dict[str, object]) -> None:
+        if event["stage"] == "resumed":
+            resumed.append("stage1")
         tell(str(event["stage"]), **{k: v for k, v in event.items() if k != "stage"})
 
     try:
@@ -191,16 +195,22 @@ def _train_one(task: TenantTask, queue: Any, token: str, backbone: Any, shelf: A
         job = TenantJob(task.tenant_id, task.data, cfg, *task.columns)
         tell("reading", device=str(backbone.device), pid=os.getpid())
         data = load_job_data(job, ctx["data_storage_options"])
+        onboarding.stage("read", time.perf_counter() - start)
         folder = RunFolder(ctx["storage_uri"], task.run_name, ctx["storage_options"])
         teachers = shelf.get(task.teachers) if cfg.method in ("distill", "fusion") else []
         trained = time.perf_counter()
         result = train_resumable(
             task.tenant_id, backbone, data, cfg, teachers, progress, folder.read("stage1"), folder.writer("stage1")
         )
+        for stage, fit in result.stages.items():
+            if stage not in resumed:
+                onboarding.stage(stage, fit.seconds)
+        packed = time.perf_counter()
         extra = {"teacher_selection": task.selection} if task.selection else None
         files = result.files(task.tenant_id, backbone, cfg, data_record(job, data, backbone), extra=extra)
         train_seconds = time.perf_counter() - trained
         folder.write("done", files)  # a driver that dies now publishes it on the next run without retraining
+        onboarding.stage("package", time.perf_counter() - packed)
         detail = {"seconds": time.perf_counter() - start, "train_seconds": train_seconds}
         ray.get(queue.finish.remote(token, task.tenant_id, files, None, detail))
     except Exception as exc:  # a tenant's failure (bad data, bad config, a crash in its training) is its own

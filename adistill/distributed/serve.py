@@ -1,14 +1,13 @@
 """Ray Serve: every tenant behind one shared backbone replica group, with mixed-tenant batches.
 
-Two deployments:
-- `Ingress` (FastAPI, adistill.distributed.serve_http): the HTTP API of docs/serving.md. Checks API keys (401/403)
-  and each tenant's quota (429), validates the tenant id and the body, answers errors as JSON `{"error": ...}`, and
-  sends each request's texts to the encoder group in one call.
-- `EncoderGroup` (the replica group): the frozen encoder, a `TenantCache` (host memory, bytes-bounded, hot versions)
-  and an `Engine` (device-side adapter bank). Each text becomes one row `(tenant_id, text, top_k)` queued in a
-  `FairBatcher`, which fills every batch round-robin across the tenants with rows waiting: rows of *different*
-  tenants share one encoder forward, and a tenant with a deep queue cannot push another tenant's rows behind its
-  own. `@serve.multiplexed` is not used: it splits every batch by model id (docs/serving.md, "Replica affinity").
+One deployment, `EncoderGroup` (adistill.distributed.serve_group): each replica serves the HTTP API of
+docs/serving.md itself (FastAPI app and front door in serve_http: API keys 401/403, quotas 429, JSON errors) and holds
+the frozen encoder, a `TenantCache` (host memory, bytes-bounded, hot versions) and an `Engine` (device-side adapter
+bank). Each text becomes one row `(tenant_id, text, top_k)` queued in a `FairBatcher`, which fills every batch
+round-robin across the tenants with rows waiting: rows of *different* tenants share one encoder forward, and a tenant
+with a deep queue cannot push another tenant's rows behind its own. `@serve.multiplexed` is not used: it splits every
+batch by model id (docs/serving.md, "Replica affinity"). A separate ingress deployment was measured and removed: it
+cost a handle call and a process's CPU per request (benchmarks/results/serving.md).
 
 Build the application with `build_app(args)` (`serve run adistill.distributed.serve:build_app registry=./registry` or a
 file under serve_apps/); `args` becomes a frozen `ServeConfig` once, here at the edge. `adistill serve` calls
@@ -17,150 +16,23 @@ file under serve_apps/); `args` becomes a frozen `ServeConfig` once, here at the
 No `from __future__ import annotations` here: Serve reads the deployment signatures at runtime.
 """
 
-import asyncio
 import contextlib
 import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
 from adistill.distributed.common import ensure_ray
-from adistill.distributed.serve_http import Ingress
-from adistill.errors import (
-    AdistillError,
-    BackboneMismatch,
-    ConfigError,
-    CorruptArtifact,
-    TenantNotFound,
-)
-from adistill.inference.fair_queue import FairBatcher
+from adistill.distributed.serve_group import EncoderGroup
+from adistill.errors import ConfigError
 from adistill.inference.serve_config import ServeConfig
-from adistill.inference.tenant_cache import LoadedTenant
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "adistill"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The replica group: encoder + tenant cache + engine, mixed-tenant batches filled fairly across tenants
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """One text to answer: the tenant id travels with it, so one batch holds rows of many tenants."""
-
-    tenant_id: str
-    text: str
-    top_k: int
-    tenant: LoadedTenant
-
-
-@serve.deployment(name="EncoderGroup")
-class EncoderGroup:
-    """The frozen encoder and every tenant's adapter. Each replica loads tenants on first use."""
-
-    def __init__(self, config: ServeConfig) -> None:
-        import torch
-
-        from adistill.backbone import load_backbone
-        from adistill.inference.engine import Engine
-        from adistill.inference.tenant_cache import TenantCache
-        from adistill.store.registry import Registry
-
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.config = config
-        self.backbone = load_backbone(config.backbone, device, config.storage_options)
-        self.cache = TenantCache(
-            Registry(config.registry, config.storage_options),
-            self.backbone,
-            config.cache_bytes,
-            config.poll_interval_s,
-            config.load_workers,
-        )
-        self.engine = Engine(self.backbone, config.bank_slots, config.bank_bytes)
-        self.forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
-        self.batcher = FairBatcher(self.predict_rows, config.max_batch_size, config.batch_wait_timeout_s)
-        self.stats = {"batches": 0, "rows": 0, "tenant_rows": 0, "forward_seconds": 0.0}
-        self.started = time.time()
-        log.info("encoder group replica ready: backbone %s on %s", self.backbone.name, device)
-
-    async def predict(self, tenant_id: str, texts: list[str], top_k: int) -> dict[str, Any]:
-        """Answer one request. Errors come back as `{"status", "error"}` (an HTTP status), never raised."""
-        try:
-            tenant = await self.cache.get(tenant_id)
-        except TenantNotFound:
-            return {"status": 404, "error": f"tenant {tenant_id!r} not found"}
-        except (CorruptArtifact, BackboneMismatch) as exc:
-            return {"status": 503, "error": f"tenant {tenant_id!r} cannot be served: {exc}"}
-        except (AdistillError, OSError) as exc:  # registry unreachable or refusing access: worth a retry
-            log.warning("tenant %r: load failed: %s", tenant_id, exc)
-            return {"status": 503, "error": f"tenant {tenant_id!r} cannot be loaded now: {exc}"}
-        rows = [Row(tenant_id, text, top_k, tenant) for text in texts]
-        predictions = await self.batcher.submit(tenant_id, rows)
-        return {
-            "status": 200,
-            "tenant_id": tenant_id,
-            "adapter_version": tenant.version,
-            "predictions": predictions,
-        }
-
-    async def predict_rows(self, rows: list[Row]) -> list[dict[str, Any]]:
-        """One encoder forward for rows of any number of tenants (the engine gathers each row's adapter)."""
-        top_k = max(r.top_k for r in rows)
-        start = time.perf_counter()
-        predictions = await asyncio.get_running_loop().run_in_executor(
-            self.forward_pool, self.engine.predict, [r.text for r in rows], [r.tenant.model for r in rows], top_k
-        )
-        self.stats["forward_seconds"] += time.perf_counter() - start
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["tenant_rows"] += len({r.tenant_id for r in rows})
-        out = []
-        for row, p in zip(rows, predictions):
-            answer = p.to_dict()
-            answer["labels"] = answer["labels"][: row.top_k]
-            out.append(answer)
-        return out
-
-    def metrics(self) -> dict[str, Any]:
-        """This replica's cache counters, batching figures and adapter bank occupancy."""
-        batches = self.stats["batches"]
-        context = serve.get_replica_context()
-        return {
-            "replica": context.replica_id.unique_id,
-            "uptime_s": round(time.time() - self.started, 1),
-            "backbone": self.backbone.name,
-            "device": str(self.backbone.device),
-            "cache": self.cache.metrics(),
-            "batches": batches,
-            "rows": self.stats["rows"],
-            "mean_batch_rows": self.stats["rows"] / batches if batches else None,
-            "mean_batch_tenants": self.stats["tenant_rows"] / batches if batches else None,
-            "queue": {
-                "waiting_rows": self.batcher.waiting_rows,
-                "waiting_tenants": self.batcher.waiting_tenants,
-                "max_waiting_rows": self.batcher.max_waiting_rows,
-                "max_waiting_tenants": self.batcher.max_waiting_tenants,
-            },
-            "forward_seconds_total": round(self.stats["forward_seconds"], 4),
-            "bank": {
-                f"{cfg.kind}_r{cfg.reduction_factor}": {
-                    "capacity": b.bank.capacity,
-                    "used": len(b.slots),
-                    "loads": b.loads,
-                }
-                for cfg, b in list(self.engine.banks.items())  # the forward thread may add a bank
-            },
-        }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -169,22 +41,17 @@ class EncoderGroup:
 
 
 def build(config: ServeConfig) -> serve.Application:
-    """The two deployments bound together, sized from `config`."""
+    """The deployment, sized from `config`."""
     scaling: dict[str, Any] = (
         {"autoscaling_config": config.autoscaling_config}
         if config.autoscaling_config
         else {"num_replicas": config.replicas}
     )
-    encoder = EncoderGroup.options(  # type: ignore[attr-defined]
+    return EncoderGroup.options(  # type: ignore[attr-defined]
         **scaling,
         max_ongoing_requests=config.ongoing_requests,
         ray_actor_options=config.ray_actor_options,
     ).bind(config)
-    return Ingress.options(  # type: ignore[attr-defined]
-        num_replicas=config.ingress_replicas,
-        max_ongoing_requests=max(256, config.ongoing_requests),
-        ray_actor_options=config.ingress_ray_actor_options,
-    ).bind(encoder, config)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -341,7 +208,6 @@ def serving(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> I
 __all__ = [
     "APP_NAME",
     "EncoderGroup",
-    "Ingress",
     "ServeConfig",
     "build",
     "build_app",

@@ -5,9 +5,10 @@
   dummy digest, so timing tells nothing about which keys exist.
 - Admin keys from the environment (a Kubernetes Secret, `ServeConfig.admin_key_env`) are kept as digests only and
   compared the same way; they need not have the `adk_` form but must be at least 32 characters.
-- `refresh()` re-reads the key document (one small object) when its tag changed; the ingress calls it every half
-  poll interval and before a check whenever the table is older than the poll interval, so a new or revoked key takes
-  effect within `poll_interval_s` without a restart. A failed read keeps the previous table (logged, counted).
+- `refresh()` re-reads the key document (one small object) when its tag changed; each serving replica calls it
+  every half poll interval and before a check whenever the table is older than the poll interval (unless a read is in
+  progress already), so a new or revoked key takes effect within `poll_interval_s` without a restart. A failed read
+  keeps the previous table (logged, counted); requests never queue behind a read of a table they already have.
 - Keys are never logged: log lines name key ids at most.
 
 Plain Python: no Ray, no FastAPI.
@@ -61,7 +62,7 @@ def bearer_token(header: str | None) -> str | None:
 
 
 class Authenticator:
-    """The key table of one ingress replica. `store=None` means no key store (environment admin keys only)."""
+    """The key table of one serving replica. `store=None` means no key store (environment admin keys only)."""
 
     def __init__(
         self,
@@ -81,6 +82,9 @@ class Authenticator:
         self._tag: str | None = None
         self._loaded_at: float | None = None
         self._lock = threading.Lock()
+        self._reading = 0  # refreshes in progress (their threads), under _reading_lock
+        self._reading_lock = threading.Lock()
+        self._read_once = False  # the key document was read at least once
         self.refresh_errors = 0
         self.refreshes = 0
 
@@ -91,17 +95,27 @@ class Authenticator:
         if self.store is None:
             self._loaded_at = self._clock()
             return True
+        with self._reading_lock:
+            self._reading += 1
+        try:
+            return self._refresh(self.store)
+        finally:
+            with self._reading_lock:
+                self._reading -= 1
+
+    def _refresh(self, store: KeyStore) -> bool:
         with self._lock:
             try:
-                records, tag = self.store.read_tagged()
+                records, tag = store.read_tagged()
             except (AdistillError, OSError) as exc:
                 # keep the previous table and retry after the interval (not at every request while storage is down)
                 self.refresh_errors += 1
                 self._loaded_at = self._clock()
-                log.warning("key store %s: cannot read the keys, keeping the previous ones: %s", self.store.uri, exc)
+                log.warning("key store %s: cannot read the keys, keeping the previous ones: %s", store.uri, exc)
                 return False
             self.refreshes += 1
             self._loaded_at = self._clock()
+            self._read_once = True
             if tag == self._tag and self._table:
                 return True
             table = {}
@@ -109,13 +123,19 @@ class Authenticator:
                 if r.active:
                     table[r.key_id] = (bytes.fromhex(r.sha256), Principal(r.key_id, r.tenant))
             if tag != self._tag:
-                log.info("key store %s: %d active key(s)", self.store.uri, len(table))
+                log.info("key store %s: %d active key(s)", store.uri, len(table))
             self._table, self._tag = table, tag
             return True
 
     def stale(self) -> bool:
-        """Whether the table was last read (or tried) longer than the poll interval ago, or never."""
-        return self._loaded_at is None or self._clock() - self._loaded_at > self.poll_interval_s
+        """Whether the table was last read (or tried) longer than the poll interval ago, or never. A table read once
+        is not stale while a read is in progress: requests go on with it instead of queueing behind a slow or
+        unreachable store (the read in progress brings any change; measured in benchmarks/results/faults.md)."""
+        if self._loaded_at is None:
+            return True
+        if self._reading and self._read_once:
+            return False
+        return self._clock() - self._loaded_at > self.poll_interval_s
 
     @property
     def key_count(self) -> int:

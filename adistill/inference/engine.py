@@ -32,6 +32,17 @@ class Prediction:
         }
 
 
+@dataclass(frozen=True)
+class BankUsage:
+    """One adapter bank's occupancy: `name` is `<kind>_r<reduction factor>` (e.g. `seq_bn_r16`); `loads` counts
+    tenants copied into its slots since the engine started (growing fast: `bank_slots` is too small)."""
+
+    name: str
+    used: int
+    capacity: int
+    loads: int
+
+
 class _SlotBank:
     """An `AdapterBank` plus which tenant (by weights key) sits in which slot, least recently used first."""
 
@@ -82,6 +93,13 @@ class Engine:
         if self.bank_bytes is None:
             return self.bank_slots
         return max(1, min(self.bank_slots, self.bank_bytes // self.slot_bytes(config)))
+
+    def bank_usage(self) -> list[BankUsage]:
+        """Every adapter bank's slots in use, capacity and loads (safe to call while a forward runs)."""
+        return [
+            BankUsage(f"{cfg.kind}_r{cfg.reduction_factor}", len(b.slots), b.bank.capacity, b.loads)
+            for cfg, b in list(self.banks.items())  # the forward thread may add a bank meanwhile
+        ]
 
     def _bank(self, config: AdapterConfig) -> _SlotBank:
         if config not in self.banks:

@@ -7,6 +7,10 @@ with thousands of rows queued takes at most its share of a batch, and another te
 batch in progress. Like Serve's `@serve.batch`, a partial batch waits at most `batch_wait_timeout_s` after its
 oldest row arrived for more rows; one batch runs at a time. Rows whose caller went away (cancelled) are dropped.
 
+The wait adapts to load (`adaptive_wait`): it is spent only while requests arrive faster than one per
+`batch_wait_timeout_s` (a moving average of the gaps between submits). A lone client, whose next request comes only
+after its answer, never waits for rows that cannot come; under load batches still fill.
+
 Plain asyncio: no Ray. The encoder replica runs one of these (adistill.distributed.serve.EncoderGroup).
 """
 
@@ -33,12 +37,16 @@ class FairBatcher(Generic[R, Out]):
         run: Callable[[list[R]], Awaitable[list[Out]]],
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.005,
+        adaptive_wait: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.run = run
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.adaptive_wait = adaptive_wait
+        self._last_submit: float | None = None
+        self._gap: float | None = None  # moving average of seconds between submits
         # tenant -> its waiting rows (item, future, arrival time); order = next to serve first
         self._queues: OrderedDict[Hashable, deque[tuple[R, asyncio.Future[Out], float]]] = OrderedDict()
         self._waiting = 0
@@ -54,6 +62,10 @@ class FairBatcher(Generic[R, Out]):
         loop = asyncio.get_running_loop()
         self._start(loop)
         now = loop.time()
+        if self._last_submit is not None:
+            gap = now - self._last_submit
+            self._gap = gap if self._gap is None else 0.8 * self._gap + 0.2 * gap
+        self._last_submit = now
         futures: list[asyncio.Future[Out]] = [loop.create_future() for _ in items]
         queue = self._queues.get(tenant)
         if queue is None:
@@ -84,6 +96,13 @@ class FairBatcher(Generic[R, Out]):
             self._arrived = asyncio.Event()
             self._task = loop.create_task(self._loop(), name="fair-batcher")
 
+    def _wait_s(self) -> float:
+        """How long a partial batch may wait for more rows: the timeout, or 0 when no more rows are coming soon."""
+        if not self.adaptive_wait:
+            return self.batch_wait_timeout_s
+        busy = self._gap is not None and self._gap < self.batch_wait_timeout_s
+        return self.batch_wait_timeout_s if busy else 0.0
+
     def _oldest(self) -> float:
         return min(q[0][2] for q in self._queues.values() if q)
 
@@ -95,7 +114,7 @@ class FairBatcher(Generic[R, Out]):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            deadline = self._oldest() + self.batch_wait_timeout_s
+            deadline = self._oldest() + self._wait_s()
             while self._waiting < self.max_batch_size and (left := deadline - loop.time()) > 0:
                 self._arrived.clear()
                 with contextlib.suppress(asyncio.TimeoutError):

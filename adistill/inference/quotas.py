@@ -1,10 +1,10 @@
-"""Per-tenant quotas at the ingress: requests per second (token bucket) and rows in flight, plus the counters of
-refused requests (401/403/429) per tenant that `/metrics` and the logs report.
+"""Per-tenant quotas at the HTTP front of each serving replica: requests per second (token bucket) and rows in
+flight, plus the counters of refused requests (401/403/429) per tenant that `/metrics` and the logs report.
 
 - `Quota`: the limits of one tenant (`ServeConfig.quota` for everyone, `ServeConfig.tenant_quotas` per tenant).
 - `QuotaLimiter.admit(tenant, rows)`: a `Ticket` (release it when the answer is back) or a `Refusal` with the
   seconds after which a retry may succeed (the `Retry-After` header). A tenant's limits are split evenly over
-  the ingress replicas (`share`), since the HTTP proxy spreads requests over them.
+  the serving replicas (`share`), since the HTTP proxy spreads requests over them.
 - `RefusalCounter`: counts per tenant and status, bounded in tenants, and logs one summary line at most every
   `log_every_s` seconds (never a key: the caller passes a tenant id and a status).
 
@@ -86,7 +86,7 @@ class Ticket:
 
 
 class QuotaLimiter:
-    """Token buckets and rows in flight per tenant (one ingress replica's share of every limit)."""
+    """Token buckets and rows in flight per tenant (one serving replica's share of every limit)."""
 
     def __init__(
         self,

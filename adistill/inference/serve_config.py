@@ -16,16 +16,16 @@ class ServeConfig(Config):
     """Everything the application reads; `build_app` args and `adistill serve` flags become this once.
 
     Types are checked from the annotations (adistill.config.Config); in `from_dict`, a None
-    storage_options/ray_actor_options/ingress_ray_actor_options/quota/tenant_quotas (an empty YAML value) means the
-    default."""
+    storage_options/ray_actor_options/quota/tenant_quotas (an empty YAML value) means the default."""
 
     label = "serve config"
-    none_means_default = ("storage_options", "ray_actor_options", "ingress_ray_actor_options", "quota", "tenant_quotas")
+    none_means_default = ("storage_options", "ray_actor_options", "quota", "tenant_quotas")
 
     registry: str  # fsspec URI of the registry: ./registry, file:///..., s3://bucket/prefix
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (s3: key, secret, client_kwargs)
     backbone: str | None = None  # HF folder, s3:// URI or all-MiniLM-L6-v2 (default); must match the artifacts
     device: str = "auto"  # "auto" (cuda if the replica has a GPU), "cpu", "cuda", "cuda:1"...
+    precision: str = "fp32"  # "fp32", or "int8": the encoder's linear layers dynamically quantized (CPU only)
     max_batch_size: int = 32  # rows (texts) per encoder forward
     batch_wait_timeout_s: float = 0.005  # how long a partial batch waits for more rows
     cache_bytes: int = 512 * 2**20  # loaded tenants per replica (host memory), bytes
@@ -40,13 +40,11 @@ class ServeConfig(Config):
     autoscaling_config: dict[str, Any] | None = None  # Serve autoscaling for the encoder group
     max_ongoing_requests: int | None = None  # per encoder replica; default 4 x max_batch_size
     ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1})  # encoder replicas
-    ingress_replicas: int = 1
-    ingress_ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0.1})
     # security and quotas (docs/serving.md, "Security" and "Quotas and fairness")
     auth: bool = True  # require `Authorization: Bearer <key>`; false only behind something that authenticates
     keys: str | None = None  # key store URI (`adistill keys --keys`); default: <registry>/_keys
     admin_key_env: str | None = "ADISTILL_ADMIN_KEY"  # an environment variable holding one more admin key
-    quota: Quota = field(default_factory=Quota)  # every tenant's limits (per tenant, split over ingress replicas)
+    quota: Quota = field(default_factory=Quota)  # every tenant's limits (per tenant, split over the replicas)
     tenant_quotas: dict[str, dict[str, Any]] = field(default_factory=dict)  # tenant id -> its own limits
 
     def quota_for(self, tenant_id: str) -> Quota:
@@ -62,7 +60,7 @@ class ServeConfig(Config):
     def check(self) -> None:
         require(bool(self.registry.strip()), "registry is required (the registry URI)")
         at_least(self, 1, "max_batch_size", "cache_bytes", "bank_slots", "bank_bytes", "load_workers")
-        at_least(self, 1, "max_texts", "max_body_bytes", "max_top_k", "replicas", "ingress_replicas")
+        at_least(self, 1, "max_texts", "max_body_bytes", "max_top_k", "replicas")
         require(
             self.max_ongoing_requests is None or self.max_ongoing_requests >= self.max_batch_size,
             f"max_ongoing_requests must be >= max_batch_size ({self.max_batch_size}), got {self.max_ongoing_requests}",
@@ -72,6 +70,11 @@ class ServeConfig(Config):
         require(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"device must be auto, cpu or cuda[:N], got {self.device!r}",
+        )
+        require(self.precision in ("fp32", "int8"), f"precision must be fp32 or int8, got {self.precision!r}")
+        require(
+            self.precision == "fp32" or not self.device.startswith("cuda"),
+            f"precision int8 runs on CPU only, not on device {self.device!r}",
         )
         require(self.keys is None or bool(self.keys.strip()), "keys must be a URI or null")
         require(
@@ -90,6 +93,14 @@ class ServeConfig(Config):
                 "['burst', 'requests_per_s', 'rows_in_flight']",
             )
             self.quota_for(tenant_id)  # the merged limits validate (ConfigError naming the tenant)
+
+    @property
+    def quota_share(self) -> int:
+        """How many replicas split each tenant's quota: `replicas`, or the autoscaler's minimum (so a quota is never
+        exceeded; with more replicas running, each still enforces limit / minimum)."""
+        if self.autoscaling_config:
+            return max(1, int(self.autoscaling_config.get("min_replicas", 1) or 1))
+        return self.replicas
 
     @property
     def ongoing_requests(self) -> int:

@@ -1,7 +1,9 @@
 """Loaded tenants in host memory: bounded by bytes, least recently used out, loaded off the event loop.
 
 `TenantCache.get(tenant_id)` returns the tenant's loaded model (registry -> verified artifact -> `TenantModel`).
-- Loads run in a thread pool, so one tenant's first request never stalls the event loop (other tenants' requests).
+- Loads run in a thread pool, so one tenant's first request never stalls the event loop (other tenants' requests);
+  the poll below has a pool of its own, so a first load never queues behind a round of pointer reads (many tenants,
+  or an unreachable registry whose every read retries for seconds: benchmarks/results/faults.md).
 - Single flight: concurrent first requests for one tenant wait on the same load.
 - A background poll reads `latest_version` of every cached tenant every `poll_interval_s`; a new version is loaded
   and swapped in. A version that fails verification (`CorruptArtifact`, `BackboneMismatch`) is refused, logged and
@@ -9,6 +11,10 @@
   the newest earlier version that loads.
 - Unknown tenants are remembered for `poll_interval_s` (a burst of requests for a missing tenant costs one lookup;
   a tenant published afterwards is servable within the poll interval).
+- `on_event(event, value)`, if given, hears every counter increment as it happens (`event` is a field of
+  `metrics()`'s counters, `value` the increment) and every change of the cached bytes (`"bytes"`, the new total):
+  the serving replica forwards them to Prometheus (adistill.distributed.metrics). It runs on the event loop or a
+  loader thread, must be quick, and an exception from it is logged once and otherwise ignored.
 
 Plain Python and asyncio: no Ray. The registry is anything with the `TenantSource` methods.
 """
@@ -93,6 +99,7 @@ class TenantCache:
         load_workers: int = 4,
         fallback_versions: int = 3,
         clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str, int], None] | None = None,
     ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
@@ -104,7 +111,10 @@ class TenantCache:
         self.poll_interval_s = poll_interval_s
         self.fallback_versions = fallback_versions
         self._clock = clock
+        self._on_event = on_event
+        self._event_failed = False
         self._pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="tenant-load")
+        self._poll_pool = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="tenant-poll")
         self._entries: OrderedDict[str, LoadedTenant] = OrderedDict()
         self._bytes = 0
         self._inflight: dict[str, asyncio.Future[LoadedTenant]] = {}
@@ -190,6 +200,7 @@ class TenantCache:
             self._counters.loads += 1
             self._load_seconds += seconds
             self._latencies.append(seconds)
+        self._emit("loads", 1)
         model = artifact.model
         return LoadedTenant(tenant_id, version, model, artifact.meta, module_bytes(model))
 
@@ -199,6 +210,8 @@ class TenantCache:
             self._refused.setdefault(tenant_id, set()).add(version)
             self._counters.refused_versions += 1
             self._counters.load_failures += 1
+        self._emit("refused_versions", 1)
+        self._emit("load_failures", 1)
 
     def _insert(self, loaded: LoadedTenant) -> None:
         old = self._entries.pop(loaded.tenant_id, None)
@@ -211,6 +224,7 @@ class TenantCache:
             self._bytes -= evicted.nbytes
             self._count("evictions")
             log.debug("evicted tenant %r version %d (%d bytes)", evicted.tenant_id, evicted.version, evicted.nbytes)
+        self._emit("bytes", self._bytes)
 
     # -- polling ---------------------------------------------------------------------------------------------
 
@@ -235,7 +249,7 @@ class TenantCache:
         self._missing = {t: until for t, until in self._missing.items() if until > now}
         ids = list(self._entries)
         latest = await asyncio.gather(
-            *(self._in_pool(self.source.latest_version, t) for t in ids), return_exceptions=True
+            *(self._in_pool(self.source.latest_version, t, pool=self._poll_pool) for t in ids), return_exceptions=True
         )
         for tenant_id, version in zip(ids, latest):
             entry = self._entries.get(tenant_id)
@@ -252,7 +266,7 @@ class TenantCache:
             if version == entry.version or version in self._refused.get(tenant_id, ()):
                 continue
             try:
-                loaded = await self._in_pool(self._load_version, tenant_id, version)
+                loaded = await self._in_pool(self._load_version, tenant_id, version, pool=self._poll_pool)
             except REFUSED as exc:
                 self._refuse(tenant_id, version, exc)
                 continue
@@ -269,15 +283,28 @@ class TenantCache:
         entry = self._entries.pop(tenant_id, None)
         if entry is not None:
             self._bytes -= entry.nbytes
+            self._emit("bytes", self._bytes)
 
     # -- housekeeping ----------------------------------------------------------------------------------------
 
-    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def _in_pool(self, fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool or self._pool, fn, *args)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             setattr(self._counters, name, getattr(self._counters, name) + n)
+        self._emit(name, n)
+
+    def _emit(self, event: str, value: int) -> None:
+        """Tell `on_event`; never lets a failing listener break a request or a load."""
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event, value)
+        except Exception:
+            if not self._event_failed:
+                self._event_failed = True
+                log.warning("tenant cache: on_event(%r, %d) failed (reported once)", event, value, exc_info=True)
 
     def cached(self) -> dict[str, int]:
         """Cached tenant ids -> version, least recently used first."""
@@ -313,3 +340,4 @@ class TenantCache:
                 await self._poll_task
             self._poll_task = None
         self._pool.shutdown(wait=True)
+        self._poll_pool.shutdown(wait=True)
