@@ -325,6 +325,29 @@ class DistillConfig(Config):
         at_least(self, 0, "beta", "gamma")
 
 
+Augmentation = Literal["none", "dropout", "mask", "swap", "mixed"]
+
+
+@dataclass(frozen=True)
+class TransferConfig(Config):
+    """Stage 2's transfer set: the tenant's unlabelled queries, which get only the teacher→student terms (KD and, with
+    γ > 0, the hidden-state term). Each stage-2 batch holds `stage2.batch_size` labelled rows and `ratio` times as
+    many unlabelled ones; an epoch draws at most `max_per_epoch` unlabelled rows (a fresh seeded sample each epoch).
+    `augment` (opt in, used only when the tenant brought no unlabelled queries): `augment_copies` perturbed copies
+    of every labelled query (token dropout, masking, word-order swaps, or a mix) serve as the transfer set."""
+
+    ratio: float = 3.0
+    max_per_epoch: int | None = 1024
+    augment: Augmentation = "none"
+    augment_copies: int = 2
+    augment_rate: float = 0.15
+
+    def check(self) -> None:
+        require(0 < self.ratio <= 64, f"ratio must be in (0, 64], got {self.ratio!r}")
+        at_least(self, 1, "max_per_epoch", "augment_copies")
+        require(0 < self.augment_rate < 1, f"augment_rate must be in (0, 1), got {self.augment_rate!r}")
+
+
 @dataclass(frozen=True)
 class RecipeConfig(Config):
     """Everything that decides how one tenant is trained (recorded in its artifact)."""
@@ -336,9 +359,11 @@ class RecipeConfig(Config):
     shots: int | None = None
     seed: int = 0
     stage1: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=1e-3))
-    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=5e-4))
+    # stage 2 peaks at epoch 1-3 (benchmarks/results/teacher_selection.md): stop 3 epochs after its best
+    stage2: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=5e-4, patience=3))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=5e-5, patience=5))
     distill: DistillConfig = field(default_factory=DistillConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def check(self) -> None:
         require(4 <= self.max_length <= 512, f"max_length must be in [4, 512], got {self.max_length!r}")

@@ -4,6 +4,11 @@ A tenant's data is one file with a text and a label column (`text` and `label` u
 `text_column` / `label_column`, the CLI's `--text-column` / `--label-column`) and optionally `split`, or a folder
 holding `train.*`, `validation.*` and `test.*`. The label `oos` marks out-of-scope queries: they never become a
 class, and in validation/test they calibrate and measure the out-of-scope threshold.
+
+Unlabelled queries (stage 2's transfer set, `recipes/transfer.py`) come as rows whose `split` is `unlabeled` (their
+label may be empty) or as an `unlabeled.*` file in the folder (only the text column is read). Empty and duplicate
+texts, and texts that are already labelled rows (of any split), are dropped with a count; more than `max_unlabeled`
+remaining is a `DataError`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ log = logging.getLogger(__name__)
 
 OOS_LABEL = "oos"
 SPLITS = ("train", "validation", "test")
+UNLABELED = "unlabeled"  # the split name of unlabelled rows, and the stem of a folder's unlabelled file
+MAX_UNLABELED = 100_000
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 VALIDATION_FRACTION = 0.1
 TEXT_COLUMN, LABEL_COLUMN = "text", "label"
@@ -56,6 +63,7 @@ class TenantData:
     train: Split
     validation: Split
     test: Split
+    unlabeled: list[str] = field(default_factory=list)  # unlabelled queries: stage 2's transfer set
 
     @property
     def labels(self) -> list[str]:
@@ -68,6 +76,8 @@ class TenantData:
         for name in SPLITS:
             split: Split = getattr(self, name)
             digest.update(json.dumps([name, split.texts, split.labels]).encode())
+        if self.unlabeled:  # data without unlabelled queries keeps the fingerprint it always had
+            digest.update(json.dumps([UNLABELED, self.unlabeled]).encode())
         return digest.hexdigest()
 
 
@@ -77,9 +87,11 @@ def read_tenant_data(
     seed: int = 0,
     text_column: str = TEXT_COLUMN,
     label_column: str = LABEL_COLUMN,
+    max_unlabeled: int = MAX_UNLABELED,
 ) -> TenantData:
     """Read and validate one tenant's data from a file or folder (local path or fsspec URI); `text_column` and
-    `label_column` name the columns holding the queries and their labels."""
+    `label_column` name the columns holding the queries and their labels. Unlabelled queries (module docstring)
+    are kept in `TenantData.unlabeled`, at most `max_unlabeled` of them."""
     columns = _columns(text_column, label_column)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
@@ -90,25 +102,32 @@ def read_tenant_data(
     if not exists:
         raise DataError(f"{uri}: no such file or folder")
     splits: dict[str, Split] = {}
+    unlabeled: list[str | None] = []
     if is_dir:
-        for name in SPLITS:
-            found = [p for p in fs.ls(path, detail=False) if _stem(p) == name and _suffix(p) in FORMATS]
+        listing = fs.ls(path, detail=False)
+        for name in (*SPLITS, UNLABELED):
+            found = [p for p in listing if _stem(p) == name and _suffix(p) in FORMATS]
             if len(found) > 1:
                 raise DataError(f"{uri}: several files for split {name!r}: {sorted(found)}")
-            if found:
-                splits[name] = _to_split(_read_table(fs, found[0]), found[0], columns, expect_split=False)["train"]
+            if found and name == UNLABELED:
+                unlabeled = _texts(_read_table(fs, found[0]), found[0], text_column)
+            elif found:
+                splits[name] = _to_split(_read_table(fs, found[0]), found[0], columns, expect_split=False)[0]["train"]
         if "train" not in splits:
             raise DataError(f"{uri}: folder holds no train.parquet, train.csv or train.jsonl")
     else:
-        splits = _to_split(_read_table(fs, path), uri, columns, expect_split=True)
+        splits, unlabeled = _to_split(_read_table(fs, path), uri, columns, expect_split=True)
     data = _validate(uri, splits, seed)
+    labelled = data.train.texts + data.validation.texts + data.test.texts
+    data.unlabeled = _clean_unlabeled(uri, unlabeled, labelled, max_unlabeled)
     log.info(
-        "read %s: %d train, %d validation, %d test, %d labels",
+        "read %s: %d train, %d validation, %d test, %d labels, %d unlabelled",
         uri,
         len(data.train),
         len(data.validation),
         len(data.test),
         len(data.labels),
+        len(data.unlabeled),
     )
     return data
 
@@ -123,7 +142,7 @@ def few_shot(data: TenantData, shots: int, seed: int) -> TenantData:
     rng = random.Random(f"{seed}:{shots}")
     keep = sorted(i for y in sorted(by_label) for i in rng.sample(by_label[y], min(shots, len(by_label[y]))))
     train = Split([data.train.texts[i] for i in keep], [data.train.labels[i] for i in keep])
-    return TenantData(data.source, train, data.validation, data.test)
+    return TenantData(data.source, train, data.validation, data.test, list(data.unlabeled))
 
 
 def _stem(path: str) -> str:
@@ -160,7 +179,49 @@ def _columns(text_column: str, label_column: str) -> tuple[str, str]:
     return text_column, label_column
 
 
-def _to_split(table: pa.Table, where: str, columns: tuple[str, str], expect_split: bool) -> dict[str, Split]:
+def _texts(table: pa.Table, where: str, text_col: str) -> list[str | None]:
+    """The text column of a table of unlabelled queries (any other column is ignored)."""
+    if text_col not in table.column_names:
+        raise DataError(f"{where}: missing column {text_col!r}; found {table.column_names}")
+    text_type = table.schema.field(text_col).type
+    if table.num_rows and not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise DataError(f"{where}: column {text_col!r} must hold strings, found {text_type}")
+    return table.column(text_col).to_pylist()
+
+
+def _clean_unlabeled(where: str, texts: list[str | None], labelled: list[str], cap: int) -> list[str]:
+    """Unlabelled texts without empty ones, repeats and labelled queries (counted in one log line)."""
+    seen, kept = set(labelled), []
+    empty = repeated = 0
+    for text in texts:
+        if text is None or not text.strip():
+            empty += 1
+        elif text in seen:
+            repeated += 1
+        else:
+            seen.add(text)
+            kept.append(text)
+    if empty or repeated:
+        log.warning(
+            "%s: %d of %d unlabelled texts dropped (%d empty, %d duplicates or already labelled)",
+            where,
+            empty + repeated,
+            len(texts),
+            empty,
+            repeated,
+        )
+    if len(kept) > cap:
+        raise DataError(
+            f"{where}: {len(kept)} unlabelled texts, more than the {cap} a tenant may bring; "
+            f"pass a random sample of at most {cap} (stage 2 draws only transfer.max_per_epoch of them per epoch)"
+        )
+    return kept
+
+
+def _to_split(
+    table: pa.Table, where: str, columns: tuple[str, str], expect_split: bool
+) -> tuple[dict[str, Split], list[str | None]]:
+    """The labelled rows by split, and the texts of rows whose `split` is `unlabeled` (their label is not read)."""
     text_col, label_col = columns
     missing = [c for c in columns if c not in table.column_names]
     if missing:
@@ -175,21 +236,28 @@ def _to_split(table: pa.Table, where: str, columns: tuple[str, str], expect_spli
         raise DataError(f"{where}: column {text_col!r} must hold strings, found {text_type}")
     texts = table.column(text_col).to_pylist()
     raw_labels = table.column(label_col).to_pylist()
-    for row, (x, y) in enumerate(zip(texts, raw_labels)):
+    split_of: list[Any] = [None] * len(texts)
+    if expect_split and "split" in table.column_names:
+        split_of = table.column("split").to_pylist()
+    unlabeled = [x for x, s in zip(texts, split_of) if s == UNLABELED]
+    for row, (x, y, s) in enumerate(zip(texts, raw_labels, split_of)):
+        if s == UNLABELED:
+            continue
         if x is None or not x.strip():
             raise DataError(f"{where}: row {row}: empty or null text")
         if y is None or not str(y).strip():
             raise DataError(f"{where}: row {row}: empty or null label")
-    labels = [str(y) for y in raw_labels]
     if not expect_split or "split" not in table.column_names:
-        return {"train": Split(texts, labels)}
+        return {"train": Split(texts, [str(y) for y in raw_labels])}, []
     out = {name: Split() for name in SPLITS}
-    for row, (x, y, s) in enumerate(zip(texts, labels, table.column("split").to_pylist())):
+    for row, (x, y, s) in enumerate(zip(texts, raw_labels, split_of)):
+        if s == UNLABELED:
+            continue
         if s not in out:
-            raise DataError(f"{where}: row {row}: split {s!r} is not one of {list(SPLITS)}")
+            raise DataError(f"{where}: row {row}: split {s!r} is not one of {[*SPLITS, UNLABELED]}")
         out[s].texts.append(x)
-        out[s].labels.append(y)
-    return {k: v for k, v in out.items() if len(v)}
+        out[s].labels.append(str(y))
+    return {k: v for k, v in out.items() if len(v)}, unlabeled
 
 
 def _validate(uri: str, splits: dict[str, Split], seed: int) -> TenantData:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from adistill.config import DistillConfig
 
+UNLABELED = -100  # the label of an unlabelled (transfer-set) row: only the teacher→student terms see it
+
 
 @dataclass
 class DistillLoss:
@@ -27,10 +29,13 @@ def distillation_loss(
     student_hidden: list[torch.Tensor] | None = None,
     teacher_hidden: list[torch.Tensor] | None = None,
 ) -> DistillLoss:
-    """α·CE(z_S, y) + (1-α)·τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ)) + β·CE(z_T, y) + γ·Σ_l MSE(h_S,l, h_T,l)."""
+    """α·CE(z_S, y) + (1-α)·τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ)) + β·CE(z_T, y) + γ·Σ_l MSE(h_S,l, h_T,l).
+
+    Rows labelled `UNLABELED` (the transfer set) enter only the KL and hidden-state terms; the two CE terms are
+    means over the labelled rows (zero when a batch has none)."""
     tau = cfg.temperature
-    student_ce = F.cross_entropy(student_logits, labels)
-    teacher_ce = F.cross_entropy(teacher_logits, labels)
+    labelled = labels != UNLABELED
+    student_ce, teacher_ce = (_ce(z, labels, labelled) for z in (student_logits, teacher_logits))
     target = teacher_logits.detach() if cfg.detach_teacher else teacher_logits
     kd = F.kl_div(
         F.log_softmax(student_logits / tau, -1),
@@ -46,3 +51,9 @@ def distillation_loss(
         )
     total = cfg.alpha * student_ce + (1 - cfg.alpha) * kd + cfg.beta * teacher_ce + cfg.gamma * hidden_mse
     return DistillLoss(total, student_ce, kd, teacher_ce, hidden_mse)
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    if not bool(labelled.any()):
+        return logits.new_zeros(())
+    return F.cross_entropy(logits[labelled], labels[labelled])

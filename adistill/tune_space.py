@@ -12,9 +12,10 @@ and are found by name), validated into frozen dataclasses. No Ray here.
       stage2: {epochs: 20, patience: null}
     asha: {grace_period: 2, reduction_factor: 2}    # optional: early stopping (with --scheduler asha)
 
-Only stage-2 settings can be searched (`distill.*`, `stage2.*`): stage 1 is trained once per tenant and shared by
-every trial. Every range is checked against the recipe's own rules when the file is loaded (α outside [0, 1], a
-negative β, lr >= 1... are refused before any training), and unknown keys or distributions are errors naming them.
+Only stage-2 settings can be searched (`distill.*`, `stage2.*`, and the transfer set's `transfer.ratio` and
+`transfer.max_per_epoch`): stage 1 is trained once per tenant and shared by every trial. Every range is checked
+against the recipe's own rules when the file is loaded (α outside [0, 1], a negative β, lr >= 1... are refused
+before any training), and unknown keys or distributions are errors naming them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ TUNABLE: dict[str, type] = {
     "stage2.batch_size": int,
     "stage2.weight_decay": float,
     "stage2.patience": int,
+    "transfer.ratio": float,
+    "transfer.max_per_epoch": int,
 }
+NULLABLE = ("stage2.patience", "transfer.max_per_epoch")  # a choice may list null (no limit) for these
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "int")
 TOP_KEYS = ("description", "samples", "params", "fixed", "asha")
 
@@ -74,7 +78,7 @@ class Param:
                 raise ConfigError(f"{where}: choice needs a non-empty list of values")
             for v in self.values:
                 ok = isinstance(v, bool) if kind is bool else _number(v) and (kind is float or isinstance(v, int))
-                if not ok and not (self.path == "stage2.patience" and v is None):
+                if not ok and not (self.path in NULLABLE and v is None):
                     raise ConfigError(f"{where}: choice value {v!r} is not a valid {kind.__name__}")
             return
         if kind is bool:

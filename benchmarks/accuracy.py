@@ -7,6 +7,8 @@ so an interrupted benchmark resumes. Writes benchmarks/results/accuracy.{json,md
 
     python benchmarks/accuracy.py                      # k = 5 and 10, seed 0, all 10 tenants
     python benchmarks/accuracy.py --shots 5 --tenants banking meta --seeds 0 1
+    python benchmarks/accuracy.py --unlabeled 50 --shots 5 10 --seeds 0 1 2   # + the tenant's unlabelled queries:
+        distillation over a transfer set and its controls, benchmarks/transfer.py, writes results/transfer.*
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from adistill.backbone import load_backbone
-from adistill.config import RecipeConfig, TrainConfig
+from adistill.config import RecipeConfig, TrainConfig, TransferConfig
 from adistill.data import few_shot, read_tenant_data
 from adistill.datasets import clinc150
 from adistill.encoder import encode
@@ -68,7 +70,7 @@ def subsample_validation(data, per_label: int | None, seed: int):
 
     inside = data.validation.in_scope()
     picked = few_shot(TenantData(data.source, inside, inside, data.test), per_label, seed).train
-    return TenantData(data.source, data.train, Split(picked.texts, picked.labels), data.test)
+    return TenantData(data.source, data.train, Split(picked.texts, picked.labels), data.test, data.unlabeled)
 
 
 def run_one(
@@ -220,9 +222,20 @@ def main() -> None:
     p.add_argument("--val-per-label", type=int, default=None, help="validation rows per intent (default: all 20)")
     p.add_argument("--workdir", default="runs/accuracy")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--unlabeled", type=int, default=None, help="N unlabelled queries per intent (transfer.py)")
+    p.add_argument("--stage2-epochs", type=int, default=None, help="stage 2 / fusion epochs (default: --epochs)")
+    p.add_argument("--stage2-patience", type=int, default=None, help="stage 2 / fusion patience (default: --patience)")
+    p.add_argument("--transfer-ratio", type=float, default=TransferConfig().ratio)
+    p.add_argument("--transfer-max", type=int, default=TransferConfig().max_per_epoch)
+    p.add_argument("--augment", default=None, help="also distil over perturbed labelled queries (with --unlabeled)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--note", default="", help="a sentence for the report (what was run, what was not)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.machine = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     workdir, out = Path(args.workdir), Path(args.out)
     (workdir / "runs").mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,9 +243,16 @@ def main() -> None:
     teachers = teacher_artifacts(backbone, workdir, args.teacher_epochs)
     cfg = RecipeConfig(
         stage1=TrainConfig(epochs=args.epochs, lr=1e-3, patience=args.patience),
-        stage2=TrainConfig(epochs=args.epochs, lr=5e-4, patience=args.patience),
+        stage2=TrainConfig(
+            epochs=args.stage2_epochs or args.epochs, lr=5e-4, patience=args.stage2_patience or args.patience
+        ),
     )
     loaded = {d: load_artifact(p, backbone) for d, p in teachers.items()}
+    if args.unlabeled is not None:
+        from transfer import run_transfer  # benchmarks/transfer.py
+
+        run_transfer(args, backbone, loaded, cfg, workdir, out)
+        return
     rows = []
     for shots in args.shots:
         for seed in args.seeds:

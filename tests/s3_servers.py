@@ -8,19 +8,30 @@ Both bind to 127.0.0.1 only, on free ports, and are started and stopped by the f
   client_kwargs.endpoint_url) and `.env` (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL,
   AWS_DEFAULT_REGION, AWS_EC2_METADATA_DISABLED) for code that reads credentials from the environment
   (subprocesses, Ray workers, `adistill` CLI runs).
+
+For fault tests (tests/test_faults.py, benchmarks/faults.py) a server can go away and come back on the same port
+with its data: `halt()` closes its listening socket and every open connection (clients see refused connections
+and resets, as when the process dies; SeaweedFS's process is SIGKILLed), `resume()` starts it again. moto can also
+halt itself on a chosen request (`cut_when`): the request is received and never answered, so a client is cut off
+in the middle of an upload.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +44,26 @@ _buckets = itertools.count()
 
 @dataclass
 class S3Server:
-    """A running S3 endpoint and the credentials it accepts."""
+    """A running S3 endpoint and the credentials it accepts. `stop()` ends it for good; `halt()` and `resume()`
+    take it away and bring it back on the same port with its data (fault tests)."""
 
     name: str
     endpoint_url: str
     key: str
     secret: str
     stop: Any = field(repr=False, default=None)
+    halt: Any = field(repr=False, default=None)
+    resume: Any = field(repr=False, default=None)
+    moto: MotoServer | None = field(repr=False, default=None)
+
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """The server is unreachable inside the block, back (same port, same data) after it, even on an error."""
+        self.halt()
+        try:
+            yield
+        finally:
+            self.resume()
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -98,15 +122,100 @@ class S3Bucket:
         return self.server.endpoint_url
 
 
-def start_moto() -> S3Server:
-    """moto's ThreadedMotoServer in this process, on 127.0.0.1 and a free port."""
-    from moto.server import ThreadedMotoServer
+class MotoServer:
+    """moto's S3 over HTTP in this process, on 127.0.0.1: `halt()` closes the listening socket and every open
+    connection (a client sees what it sees when a server process dies), `resume()` listens again on the same port.
+    moto keeps its data in this process, so buckets and objects survive a halt. `cut_when(predicate)`: the first
+    request for which `predicate(method, path)` holds halts the server before it is answered (see `cut_when`)."""
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    return S3Server("moto", f"http://{host}:{port}", "moto-key", "moto-secret", stop=server.stop)
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._cut: Callable[[str, str], bool] | None = None
+        self._cut_after = False
+        self.cut_done = threading.Event()
+
+    def start(self) -> None:
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        owner = self
+
+        class Handler(MotoRequestHandler):
+            def setup(self) -> None:
+                super().setup()
+                with owner._lock:
+                    owner._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with owner._lock:
+                    owner._connections.discard(self.connection)
+                with contextlib.suppress(OSError):
+                    super().finish()
+
+        backend = DomainDispatcherApplication(create_backend_app)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Any:
+            cut = self._cut
+            if cut is not None and cut(environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")):
+                self._cut = None
+                if self._cut_after:  # stored, then the answer is lost
+                    with contextlib.closing(backend(environ, lambda *a: lambda data: None)) as body:
+                        for _ in body:
+                            pass
+                self.halt()  # closes this connection too: the request is never answered
+                self.cut_done.set()
+                raise ConnectionAbortedError("cut by the fault test")  # werkzeug drops it quietly
+            return backend(environ, start_response)
+
+        self._server = make_server("127.0.0.1", self.port, app, threaded=True, request_handler=Handler)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name=f"moto-{self.port}")
+        self._thread.start()
+
+    def halt(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with self._lock:
+            connections = list(self._connections)
+            self._connections.clear()
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def resume(self) -> None:
+        if self._server is None:
+            self.start()
+
+    def cut_when(self, predicate: Callable[[str, str], bool], after: bool = False) -> None:
+        """Halt on the first request for which `predicate(method, path)` holds, before it reaches moto (or, with
+        `after`, once moto has handled it: the change is made and its answer never sent)."""
+        self.cut_done.clear()
+        self._cut_after = after
+        self._cut = predicate
+
+
+def start_moto() -> S3Server:
+    """moto's S3 in this process, on 127.0.0.1 and a free port (`MotoServer`)."""
+    logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
+    moto = MotoServer()
+    moto.start()
+    return S3Server(
+        "moto",
+        f"http://127.0.0.1:{moto.port}",
+        "moto-key",
+        "moto-secret",
+        stop=moto.halt,
+        halt=moto.halt,
+        resume=moto.resume,
+        moto=moto,
+    )
 
 
 def weed_binary() -> str | None:
@@ -116,6 +225,45 @@ def weed_binary() -> str | None:
         return override
     local = Path(sys.executable).parent / "weed"
     return str(local) if local.is_file() else shutil.which("weed")
+
+
+class WeedProcess:
+    """One `weed mini` process, relaunched on the same ports and data folder by `resume()` after `halt()`
+    (SIGKILL of its process group: a crash, nothing flushed)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.command, self.env, self.workdir = command, env, workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        with open(self.workdir / "weed.log", "ab") as log_file:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        return self.proc
+
+    def halt(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def start_seaweed(binary: str, timeout: float = 30.0, attempts: int = 3) -> S3Server:
@@ -130,7 +278,6 @@ def start_seaweed(binary: str, timeout: float = 30.0, attempts: int = 3) -> S3Se
             port_args += [f"-{name}.port={ports[2 * i]}", f"-{name}.port.grpc={ports[2 * i + 1]}"]
         key, secret = "weed-" + uuid.uuid4().hex[:12], uuid.uuid4().hex
         env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
-        log_path = workdir / "weed.log"
         command = [
             binary,
             "mini",
@@ -146,26 +293,19 @@ def start_seaweed(binary: str, timeout: float = 30.0, attempts: int = 3) -> S3Se
             "-master.volumeSizeLimitMB=64",
         ]
         (workdir / "data").mkdir()
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
-            )
+        weed = WeedProcess(command, env, workdir)
+        proc = weed.launch()
+        server = S3Server("seaweedfs", f"http://127.0.0.1:{ports[2 * names.index('s3')]}", key, secret)
 
-        def stop(proc: subprocess.Popen[bytes] = proc, workdir: Path = workdir) -> None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-            shutil.rmtree(workdir, ignore_errors=True)
+        def resume(weed: WeedProcess = weed, server: S3Server = server) -> None:
+            if weed.proc is None and not _wait_writable(server, weed.launch(), timeout):
+                raise RuntimeError(f"weed mini did not come back; log in {weed.workdir}")
 
-        server = S3Server("seaweedfs", f"http://127.0.0.1:{ports[2 * names.index('s3')]}", key, secret, stop=stop)
+        server.stop, server.halt, server.resume = weed.stop, weed.halt, resume
         if _wait_writable(server, proc, timeout):
             return server
-        last = log_path.read_text(errors="replace")[-2000:]
-        stop()
+        last = (workdir / "weed.log").read_text(errors="replace")[-2000:]
+        weed.stop()
     raise RuntimeError(f"weed mini did not become ready; last log:\n{last}")
 
 

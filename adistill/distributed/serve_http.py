@@ -169,6 +169,15 @@ def counted_tenant(tenant: str | None) -> str | None:
     return tenant if TENANT_ID_PATTERN.fullmatch(tenant) else "_invalid"
 
 
+def app_path(scope: Any) -> str:
+    """The request's path inside the app: Serve's route prefix (the ASGI root_path) taken off."""
+    root = scope.get("root_path", "") or ""
+    path = str(scope["path"])
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
 class FrontDoor:
     """Pure ASGI middleware (cheaper per request than `@app.middleware("http")`, which matters under a flood): auth,
     the JSON content type of predict bodies, and 413 before reading a body that is too large."""
@@ -198,7 +207,7 @@ class FrontDoor:
             await self.route(scope, receive, send_with_status)
         finally:
             group = getattr(scope["app"].state, "group", None)
-            path = scope["path"]
+            path = app_path(scope)
             endpoint = endpoint_of(path)
             seconds = time.perf_counter() - start
             if group is not None:
@@ -208,10 +217,7 @@ class FrontDoor:
 
     async def route(self, scope: Any, receive: Any, send: Any) -> None:
         group = getattr(scope["app"].state, "group", None)  # the deployment serving the app (Serve's copy)
-        root = scope.get("root_path", "") or ""
-        path = scope["path"]
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
+        path = app_path(scope)
         headers = {k.lower(): v for k, v in scope["headers"]}
         need = required_access(path)
         if group is not None and need is not None:

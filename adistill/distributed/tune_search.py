@@ -13,7 +13,7 @@ from ray import tune
 
 from adistill.distributed.common import short_error
 from adistill.distributed.tune_trials import METRIC, plain
-from adistill.tune_space import SearchSpace
+from adistill.tune_space import NULLABLE, SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def trial_values(config: Mapping[str, Any], space: SearchSpace) -> dict[str, Any
     for path in space.paths:
         section, key = path.split(".")
         value = (config.get(section) or {}).get(key)
-        if value is not None or path == "stage2.patience":
+        if value is not None or path in NULLABLE:
             out[path] = plain(value)
     return out
 

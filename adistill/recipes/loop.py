@@ -5,20 +5,27 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from adistill.config import TrainConfig
-from adistill.model import Batch, Encoded
+from adistill.model import Batch
 
 log = logging.getLogger(__name__)
 
 # Called once per epoch with {"stage", "epoch", "epochs", "loss", "val_accuracy", "best", "seconds"} (seconds since
 # the stage started).
 Progress = Callable[[dict[str, object]], None]
+
+
+class Batches(Protocol):
+    """What a stage trains on: `model.Encoded` (labelled rows) or `recipes.transfer.TransferSet`."""
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]: ...
 
 
 @dataclass
@@ -36,7 +43,7 @@ def fit(
     modules: nn.Module,
     step_loss: Callable[[Batch], torch.Tensor],
     validate: Callable[[], float],
-    train: Encoded,
+    train: Batches,
     cfg: TrainConfig,
     seed: int,
     progress: Progress | None = None,

@@ -5,6 +5,10 @@ Each batch runs two paths through the frozen encoder E:
   student path  E + φ_N                                -> head W_N -> z_S
 and minimises `losses.distillation_loss`. Trainable: the fusion's Q, K, V, W_F, φ_N and W_N. Only the
 student (φ_N, W_N) is returned: the fusion, W_F and the teachers are dropped, so inference costs one adapter.
+
+With a transfer set (`recipes/transfer.py`) a batch also holds unlabelled rows: they get only the teacher→student
+terms, so the teacher path runs on them without gradient (the fusion learns from labelled rows only) unless
+`distill.detach_teacher` is off.
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from adistill.config import RecipeConfig
 from adistill.data import TenantData
 from adistill.encoder import Route, encode
 from adistill.fusion import FusionSet
-from adistill.losses import distillation_loss
+from adistill.losses import UNLABELED, distillation_loss
 from adistill.model import Batch, TenantModel
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.loop import FitResult, Progress, fit
-from adistill.recipes.stage1 import encode_train
+from adistill.recipes.transfer import TransferInputs, TransferSet, transfer_inputs
 
 
 class _Recorder:
@@ -54,29 +58,55 @@ def distill(
     stage1: TenantModel,
     teachers: list[AdapterSet],
     progress: Progress | None = None,
+    transfer: TransferInputs | None = None,
 ) -> tuple[TenantModel, FitResult]:
+    """Stage 2 from `stage1` over `teachers` (none: the fusion holds only the tenant's own adapter). `transfer`: the
+    unlabelled inputs (default: `transfer_inputs(backbone, data, cfg)`, the tenant's unlabelled queries)."""
     assert isinstance(stage1.adapters, AdapterSet)
     teacher = TenantModel(
         "fusion", copy.deepcopy(stage1.head), teacher_fusion(backbone, teachers, stage1.adapters, cfg.seed)
     )
     student = TenantModel("distill", copy.deepcopy(stage1.head), copy.deepcopy(stage1.adapters))
     sites = cfg.adapter.sites
+    transfer = transfer if transfer is not None else transfer_inputs(backbone, data, cfg)
+
+    def teacher_path(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        route = _Recorder(teacher.adapters, sites)  # type: ignore[arg-type]
+        return teacher.head(encode(backbone.model, ids, mask, route), mask), route.outputs
 
     def step(batch: Batch) -> torch.Tensor:
+        labelled = batch.labels != UNLABELED
+        n = int(labelled.sum())
+        if n < len(labelled):  # labelled rows first, then the transfer rows
+            order = torch.cat([labelled.nonzero()[:, 0], (~labelled).nonzero()[:, 0]])
+            batch = Batch(batch.input_ids[order], batch.attention_mask[order], batch.labels[order])
         ids, mask = batch.input_ids, batch.attention_mask
-        t_route, s_route = _Recorder(teacher.adapters, sites), _Recorder(student.adapters, sites)  # type: ignore[arg-type]
-        z_t = teacher.head(encode(backbone.model, ids, mask, t_route), mask)
+        if n == len(labelled) or not cfg.distill.detach_teacher:
+            z_t, h_t = teacher_path(ids, mask)
+        else:  # unlabelled rows only give the teacher's targets: no gradient, no activations kept for them
+            z_t, h_t = teacher_path(ids[:n], mask[:n])
+            with torch.no_grad():
+                z_u, h_u = teacher_path(ids[n:], mask[n:])
+            z_t, h_t = torch.cat([z_t, z_u]), [torch.cat([a, b]) for a, b in zip(h_t, h_u)]
+        s_route = _Recorder(student.adapters, sites)  # type: ignore[arg-type]
         z_s = student.head(encode(backbone.model, ids, mask, s_route), mask)
-        return distillation_loss(z_s, z_t, batch.labels, cfg.distill, s_route.outputs, t_route.outputs).total
+        return distillation_loss(z_s, z_t, batch.labels, cfg.distill, s_route.outputs, h_t).total
 
     result = fit(
         "stage2",
         nn.ModuleDict({"student": student, "teacher": teacher}),
         step,
         lambda: accuracy(backbone, student, data.validation, cfg.max_length),
-        encode_train(backbone, data, student.labels, cfg.max_length),
+        TransferSet(
+            backbone, data.train.texts, _label_ids(data, student.labels), transfer.texts, cfg.transfer, cfg.max_length
+        ),
         cfg.stage2,
         cfg.seed,
         progress,
     )
     return student, result
+
+
+def _label_ids(data: TenantData, labels: list[str]) -> list[int]:
+    index = {y: i for i, y in enumerate(labels)}
+    return [index[y] for y in data.train.labels]

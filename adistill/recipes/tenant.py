@@ -48,6 +48,8 @@ def data_record(job: TenantJob, data: TenantData, backbone: Backbone | None = No
         "train_examples": len(data.train),
         "num_labels": len(data.labels),
     }
+    if data.unlabeled:
+        record["unlabeled_examples"] = len(data.unlabeled)
     if job.columns != (TEXT_COLUMN, LABEL_COLUMN):
         record["columns"] = {"text": job.text_column, "label": job.label_column}
     if backbone is not None:

@@ -16,6 +16,7 @@ from adistill.recipes.evaluate import calibrate, evaluate
 from adistill.recipes.loop import FitResult, Progress
 from adistill.recipes.stage1 import train_adapter
 from adistill.recipes.stage2 import distill
+from adistill.recipes.transfer import TransferInputs, transfer_inputs
 from adistill.store.artifact import Teacher, artifact_files
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def train_tenant(
     if cfg.method == "fusion" and not teachers:
         raise ConfigError("method 'fusion' needs at least one teacher")
     stages: dict[str, FitResult] = {}
+    transfer = TransferInputs([], "none")
     if cfg.method == "finetune":
         model, stages["finetune"] = train_finetune(backbone, data, cfg, progress)
     else:
@@ -71,10 +73,17 @@ def train_tenant(
         if cfg.method == "fusion":
             model, stages["fusion"] = train_fusion(backbone, data, cfg, model, adapters, progress)
         elif cfg.method == "distill" and teachers:
-            model, stages["stage2"] = distill(backbone, data, cfg, model, adapters, progress)
+            transfer = transfer_inputs(backbone, data, cfg)
+            model, stages["stage2"] = distill(backbone, data, cfg, model, adapters, progress, transfer)
         elif cfg.method == "distill":  # stage 1 alone is an adapter, and the artifact says so
             log.warning("no teachers: 'distill' is stage 1 alone for this tenant; its artifact's method is 'adapter'")
             model.method = "adapter"
+    if data.unlabeled and transfer.source != "unlabeled":
+        log.warning(
+            "%s: %d unlabelled queries not used: only stage 2 of 'distill' (with teachers) learns from them",
+            data.source,
+            len(data.unlabeled),
+        )
     model.max_length = cfg.max_length
     model.oos_threshold = calibrate(backbone, model, data.validation, cfg.max_length)
     if model.oos_threshold is None:
@@ -90,6 +99,7 @@ def train_tenant(
         "train_examples": len(data.train),
         "seconds": {name: round(r.seconds, 2) for name, r in stages.items()},
         "best_epoch": {name: r.best_epoch for name, r in stages.items()},
+        **transfer.metrics(),
     }
     if len(data.test):
         metrics["test"] = evaluate(backbone, model, data.test, cfg.max_length)

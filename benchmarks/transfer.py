@@ -1,0 +1,332 @@
+"""Distillation over the tenant's unlabelled queries, with its controls: `python benchmarks/accuracy.py --unlabeled N`.
+
+CLINC150 leave-one-out as in accuracy.py (the other 9 domains' adapters are the teachers). The new tenant gets k shots
+per intent and an unlabelled set: N other training queries per intent with their labels removed (seeded, never one
+of its k shots), plus its domain's share (10) of CLINC's out-of-scope training queries. Tenant data and unlabelled
+rows are written to one file (`split` = `unlabeled`) and read back through `adistill.data.read_tenant_data`, as a
+user's would be. Stage 1 is trained once per run and shared; then, from it:
+
+    adapter               stage 1 alone
+    fusion                AdapterFusion over the 9 teachers + its own adapter (labelled rows only)
+    distill               stage 2 on the labelled rows (no transfer set)
+    distill_transfer      stage 2 with the transfer set (the unlabelled rows get only the KD term)
+    self_training         control (a): stage 1 retrained on its own confident pseudo-labels of the same rows
+    transfer_no_teachers  control (b): stage 2 with the transfer set, the fusion holding only its own adapter
+    distill_augment       (with --augment KIND) stage 2 with perturbed labelled queries as the transfer set
+
+Writes benchmarks/results/transfer.{json,md,png}; runs are cached under --workdir/transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from accuracy import subsample_validation
+
+from adistill.config import RecipeConfig, TransferConfig
+from adistill.data import OOS_LABEL, few_shot, read_tenant_data
+from adistill.datasets import clinc150
+from adistill.recipes.baselines import train_fusion
+from adistill.recipes.evaluate import accuracy
+from adistill.recipes.self_training import self_train
+from adistill.recipes.stage1 import train_adapter
+from adistill.recipes.stage2 import distill
+from adistill.recipes.transfer import TransferInputs, transfer_inputs
+
+log = logging.getLogger("benchmarks.transfer")
+METHODS = ("adapter", "fusion", "distill", "distill_transfer", "self_training", "transfer_no_teachers")
+STAGE2 = ("distill", "distill_transfer", "transfer_no_teachers")  # stage-2 runs, for the time-saved estimate
+OLD_PATIENCE, OLD_EPOCHS = 10, 40  # stage 2's defaults before issue 17
+TARGETS = {  # shots -> (method compared against, margin in points)
+    "5": (("adapter", 2.0), ("fusion", 1.0), ("self_training", 0.5)),
+    "10": (("adapter", 1.0),),
+}
+
+
+def tenant_file(domain: str, shots: int, seed: int, per_intent: int, folder: Path) -> Path:
+    """The new tenant's file: its k shots per intent, CLINC's validation and test rows, and its unlabelled set as rows
+    with `split` = `unlabeled`."""
+    full = read_tenant_data(clinc150.tenant_path(domain))
+    picked = set(few_shot(full, shots, seed).train.texts)
+    rng = random.Random(f"unlabeled:{domain}:{seed}:{shots}")
+    by_label: dict[str, list[str]] = {}
+    for text, label in zip(full.train.texts, full.train.labels):
+        if text not in picked:
+            by_label.setdefault(label, []).append(text)
+    unlabeled = [t for y in sorted(by_label) for t in rng.sample(by_label[y], min(per_intent, len(by_label[y])))]
+    unlabeled += clinc150.oos_train(domain)
+    rng.shuffle(unlabeled)
+    rows = [r for r in pq.read_table(clinc150.tenant_path(domain)).to_pylist() if r["split"] != "train"]
+    rows += [
+        {"text": t, "label": y, "split": "train"} for t, y in zip(full.train.texts, full.train.labels) if t in picked
+    ]
+    rows += [{"text": t, "label": "", "split": "unlabeled"} for t in unlabeled]
+    path = folder / f"{domain}-k{shots}-s{seed}-n{per_intent}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _record(backbone, model, fit, data, cfg: RecipeConfig, seconds: float) -> dict[str, Any]:
+    return {
+        "test_accuracy": accuracy(backbone, model, data.test, cfg.max_length),
+        "val_accuracy": fit.best_val_accuracy,
+        "best_epoch": fit.best_epoch,
+        "epochs_run": fit.epochs_run,
+        "train_seconds": round(seconds, 1),
+        "val_history": [round(h["val_accuracy"], 4) for h in fit.history],
+    }
+
+
+def run_one(
+    backbone,
+    domain: str,
+    shots: int,
+    seed: int,
+    teachers: list,
+    cfg: RecipeConfig,
+    val_per_label: int | None,
+    per_intent: int,
+    folder: Path,
+    augment: str | None,
+) -> dict[str, Any]:
+    source = tenant_file(domain, shots, seed, per_intent, folder)
+    data = subsample_validation(read_tenant_data(str(source)), val_per_label, seed)
+    assert sorted(data.train.texts) == sorted(
+        few_shot(read_tenant_data(clinc150.tenant_path(domain)), shots, seed).train.texts
+    )
+    cfg = cfg.replace(shots=shots, seed=seed)
+    row: dict[str, Any] = {"tenant": domain, "shots": shots, "seed": seed, "unlabeled_examples": len(data.unlabeled)}
+    row["unlabeled_out_of_scope"] = len(clinc150.oos_train(domain))
+    none = TransferInputs([], "none")
+
+    def timed(method: str, train) -> None:
+        t0 = time.perf_counter()
+        model, fit, *pseudo = train()
+        row[method] = _record(backbone, model, fit, data, cfg, time.perf_counter() - t0)
+        if pseudo:
+            row[method]["pseudo_labelled"] = pseudo[0]
+
+    t0 = time.perf_counter()
+    stage1, fit1 = train_adapter(backbone, data, cfg)
+    row["adapter"] = _record(backbone, stage1, fit1, data, cfg, time.perf_counter() - t0)
+    timed("fusion", lambda: train_fusion(backbone, data, cfg, stage1, teachers))
+    timed("distill", lambda: distill(backbone, data, cfg, stage1, teachers, transfer=none))
+    timed("distill_transfer", lambda: distill(backbone, data, cfg, stage1, teachers))
+    timed("self_training", lambda: self_train(backbone, data, cfg, stage1))
+    timed("transfer_no_teachers", lambda: distill(backbone, data, cfg, stage1, []))
+    if augment:
+        aug_cfg = cfg.replace(transfer=cfg.transfer.replace(augment=augment))
+        plain = type(data)(data.source, data.train, data.validation, data.test)  # its labelled rows only
+        inputs = transfer_inputs(backbone, plain, aug_cfg)
+        timed("distill_augment", lambda: distill(backbone, plain, aug_cfg, stage1, teachers, transfer=inputs))
+        row["distill_augment"]["augmented_examples"] = len(inputs.texts)
+    return row
+
+
+def _stderr(values: list[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per shots: per-method mean test accuracy (%) at the top level, and per method its s.e., paired gain over
+    `adapter` (mean ± s.e., wins/losses), seconds, epochs; the targets; the stage-2 time saved by early stopping."""
+    out: dict[str, Any] = {}
+    for shots in sorted({r["shots"] for r in rows}):
+        sub = [r for r in rows if r["shots"] == shots]
+        methods = [m for m in (*METHODS, "distill_augment") if all(m in r for r in sub)]
+        cell: dict[str, Any] = {"runs": len(sub), "seeds": sorted({r["seed"] for r in sub})}
+        stats = {}
+        for m in methods:
+            acc = [100 * r[m]["test_accuracy"] for r in sub]
+            gain = [100 * (r[m]["test_accuracy"] - r["adapter"]["test_accuracy"]) for r in sub]
+            cell[m] = statistics.mean(acc)
+            stats[m] = {
+                "mean": statistics.mean(acc),
+                "stderr": _stderr(acc),
+                "gain_over_adapter": statistics.mean(gain),
+                "gain_stderr": _stderr(gain),
+                "wins": sum(g > 0 for g in gain),
+                "losses": sum(g < 0 for g in gain),
+                "seconds": statistics.mean(r[m]["train_seconds"] for r in sub),
+                "best_epoch": statistics.mean(r[m]["best_epoch"] for r in sub),
+                "epochs_run": statistics.mean(r[m]["epochs_run"] for r in sub),
+            }
+        cell["stats"] = stats
+        cell["targets"] = [
+            {
+                "versus": other,
+                "margin": margin,
+                "difference": cell["distill_transfer"] - cell[other],
+                "met": cell["distill_transfer"] - cell[other] >= margin,
+            }
+            for other, margin in TARGETS.get(str(shots), ())
+            if other in cell and "distill_transfer" in cell
+        ]
+        cell["time_saved"] = _time_saved(sub)
+        out[str(shots)] = cell
+    return out
+
+
+def _time_saved(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage-2 seconds as run vs a lower bound for the old defaults (patience 10, 40 epochs): the old loop follows the
+    same epochs up to where this one stopped and runs at least until its best epoch + 10."""
+    out = {}
+    for m in STAGE2:
+        ran = old = 0.0
+        for r in rows:
+            x = r[m]
+            per_epoch = x["train_seconds"] / x["epochs_run"]
+            ran += x["train_seconds"]
+            old += per_epoch * min(OLD_EPOCHS, max(x["epochs_run"], x["best_epoch"] + OLD_PATIENCE))
+        out[m] = {"seconds": ran / len(rows), "old_defaults_at_least": old / len(rows)}
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    lines = [
+        "# Distillation over the tenant's unlabelled queries (CLINC150 leave-one-out)",
+        "",
+        f"Backbone {m['backbone']} (frozen), {m['machine']}, {m['date']}. Runs: {m['tenants']} tenants x seeds "
+        f"{m['seeds']} x shots {m['shots']}; unlabelled set N = {m['unlabeled_per_intent']} other training queries "
+        "per intent (labels removed) + the domain's 10 CLINC out-of-scope training queries. Stage 1 at most "
+        f"{m['epochs']} epochs (patience {m['patience']}); fusion, stage 2 and self-training at most "
+        f"{m['stage2_epochs']} epochs, patience {m['stage2_patience']}; transfer ratio {m['transfer']['ratio']}, at "
+        f"most {m['transfer']['max_per_epoch']} unlabelled rows per epoch; validation {m['val_per_label']} per "
+        "intent. Test accuracy % on the in-scope test queries.",
+        "",
+    ]
+    if m.get("note"):
+        lines += [m["note"], ""]
+    for shots, cell in report["summary"].items():
+        stats = cell["stats"]
+        lines += [
+            f"## {shots} shots ({cell['runs']} runs, seeds {cell['seeds']})",
+            "",
+            "| method | test acc % (mean ± s.e.) | gain over adapter (± s.e.) | wins / losses vs adapter | seconds | "
+            "best epoch | epochs run |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, s in stats.items():
+            lines.append(
+                f"| {name} | {s['mean']:.2f} ± {s['stderr']:.2f} | {s['gain_over_adapter']:+.2f} ± "
+                f"{s['gain_stderr']:.2f} | {s['wins']} / {s['losses']} | {s['seconds']:.1f} | {s['best_epoch']:.1f} | "
+                f"{s['epochs_run']:.1f} |"
+            )
+        lines += ["", "Targets (distill_transfer minus the other method, points):", ""]
+        for t in cell["targets"]:
+            verdict = "met" if t["met"] else "**not met**"
+            lines.append(f"- vs {t['versus']}: {t['difference']:+.2f} (target ≥ +{t['margin']:.1f}): {verdict}")
+        lines += ["", "Stage-2 seconds per run as run, and a lower bound under the old defaults (patience 10):", ""]
+        for name, t in cell["time_saved"].items():
+            lines.append(
+                f"- {name}: {t['seconds']:.1f} s (old defaults: at least {t['old_defaults_at_least']:.1f} s, "
+                f"saved ≥ {t['old_defaults_at_least'] - t['seconds']:.1f} s)"
+            )
+        lines.append("")
+    methods = [x for x in (*METHODS, "distill_augment") if all(x in r for r in report["runs"])]
+    lines += [
+        "Per run (test accuracy %):",
+        "",
+        "| tenant | shots | seed | " + " | ".join(methods) + " | pseudo-labelled |",
+        "|---|---|---|" + "---|" * len(methods) + "---|",
+    ]
+    for r in report["runs"]:
+        accs = " | ".join(f"{100 * r[x]['test_accuracy']:.2f}" for x in methods)
+        lines.append(
+            f"| {r['tenant']} | {r['shots']} | {r['seed']} | {accs} | "
+            f"{r['self_training']['pseudo_labelled']} of {r['unlabeled_examples']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = report["summary"]
+    fig, axes = plt.subplots(1, len(cells), figsize=(6.5 * len(cells), 4), squeeze=False)
+    for ax, (shots, cell) in zip(axes[0], cells.items()):
+        names = list(cell["stats"])
+        gains = [cell["stats"][n]["gain_over_adapter"] for n in names]
+        errs = [cell["stats"][n]["gain_stderr"] for n in names]
+        ax.bar(range(len(names)), gains, yerr=errs, capsize=3, color=["C0" if g >= 0 else "C3" for g in gains])
+        ax.axhline(0, color="gray", lw=1)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("test accuracy gain over adapter (points)")
+        ax.set_title(f"{shots} shots, {cell['runs']} runs (bars: ±1 s.e.)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: Path, out: Path) -> None:
+    """The `--unlabeled N` mode of benchmarks/accuracy.py (its arguments, teachers and recipe)."""
+    cfg = cfg.replace(transfer=TransferConfig(ratio=args.transfer_ratio, max_per_epoch=args.transfer_max))
+    cache_dir = workdir / "transfer"
+    rows = []
+    for shots in args.shots:
+        for seed in args.seeds:
+            for domain in args.tenants or clinc150.domains():
+                cache = cache_dir / "runs" / f"{domain}-k{shots}-s{seed}-n{args.unlabeled}.json"
+                if not cache.exists():
+                    t0 = time.perf_counter()
+                    peers = [loaded[d].as_teacher().adapters for d in clinc150.domains() if d != domain]
+                    row = run_one(
+                        backbone,
+                        domain,
+                        shots,
+                        seed,
+                        peers,
+                        cfg,
+                        args.val_per_label,
+                        args.unlabeled,
+                        cache_dir / "data",
+                        args.augment,
+                    )
+                    row["seconds"] = round(time.perf_counter() - t0, 1)
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    cache.write_text(json.dumps(row, indent=1))
+                    log.warning(
+                        "%s k=%d s=%d: %s (%.0fs)",
+                        domain,
+                        shots,
+                        seed,
+                        {m: round(100 * row[m]["test_accuracy"], 2) for m in METHODS},
+                        row["seconds"],
+                    )
+                rows.append(json.loads(cache.read_text()))
+    meta = {
+        "backbone": backbone.name,
+        "machine": args.machine,
+        "date": time.strftime("%Y-%m-%d"),
+        "shots": args.shots,
+        "seeds": args.seeds,
+        "tenants": len({r["tenant"] for r in rows}),
+        "unlabeled_per_intent": args.unlabeled,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "stage2_epochs": cfg.stage2.epochs,
+        "stage2_patience": cfg.stage2.patience,
+        "transfer": cfg.transfer.to_dict(),
+        "distill": cfg.distill.to_dict(),
+        "val_per_label": args.val_per_label,
+        "teacher_val_accuracy": {d: a.meta["metrics"]["validation"]["accuracy"] for d, a in loaded.items()},
+        "out_of_scope_label": OOS_LABEL,
+        "note": args.note,
+    }
+    report = {"meta": meta, "summary": summarise(rows), "runs": rows}
+    (out / "transfer.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "transfer.md").write_text(markdown(report))
+    chart(report, out / "transfer.png")
+    print(markdown(report))

@@ -1,0 +1,361 @@
+"""Stage 2's transfer set (issue 17): unlabelled queries in the tenant data format, the masked loss, the batches,
+stage 2 and the controls on a tiny encoder, augmentation, and the recipe/tune fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import fast_config, make_rows, random_tenant, write_tenant
+
+from adistill.augment import KINDS, augment, perturb
+from adistill.backbone import Backbone
+from adistill.config import DistillConfig, RecipeConfig, TransferConfig
+from adistill.data import few_shot, read_tenant_data
+from adistill.errors import ConfigError, DataError
+from adistill.losses import UNLABELED, distillation_loss
+from adistill.model import Encoded
+from adistill.recipes import train_tenant
+from adistill.recipes.self_training import pseudo_labels, self_train
+from adistill.recipes.stage1 import train_adapter
+from adistill.recipes.stage2 import distill
+from adistill.recipes.transfer import TransferInputs, TransferSet, transfer_inputs
+from adistill.store.artifact import Teacher
+from adistill.tune_space import space_from_dict
+
+LABELS = ["pay_bill", "flight", "music", "alarm"]
+
+
+def unlabeled_rows(n_per_label: int = 10, seed: int = 9) -> list[dict[str, str]]:
+    rows = make_rows(LABELS, n_per_label, seed, "u")
+    return [{"text": f"{r['text']} number {i}", "label": "", "split": "unlabeled"} for i, r in enumerate(rows)]
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def with_unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `new` tenant of conftest with 40 unlabelled queries in its one file."""
+    path = write_tenant(tmp_path_factory.mktemp("u") / "plain.parquet", LABELS, seed=4)
+    rows = pq.read_table(path).to_pylist() + unlabeled_rows()
+    return write_rows(path.parent / "with-unlabeled.parquet", rows)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".jsonl"])
+def test_unlabeled_split_rows_are_read_in_every_format(tmp_path: Path, suffix: str) -> None:
+    labelled = make_rows(LABELS, 6, 0, "train") + make_rows(LABELS, 3, 0, "validation")
+    extra = [{"text": f"unlabelled query {i}", "label": "", "split": "unlabeled"} for i in range(5)]
+    data = read_tenant_data(str(write_rows(tmp_path / f"t{suffix}", labelled + extra)))
+    assert data.unlabeled == [f"unlabelled query {i}" for i in range(5)]
+    assert len(data.train) == 24 and data.labels == sorted(LABELS)  # unlabelled rows never become training rows
+
+
+def test_an_unlabeled_file_in_a_folder_is_read_with_the_text_column_only(tmp_path: Path) -> None:
+    rows = make_rows(LABELS, 6, 0, "train")
+    write_rows(tmp_path / "t" / "train.csv", [{"query": r["text"], "intent": r["label"]} for r in rows])
+    write_rows(tmp_path / "t" / "unlabeled.jsonl", [{"query": f"q {i}", "source": "logs"} for i in range(7)])
+    data = read_tenant_data(f"file://{tmp_path / 't'}", text_column="query", label_column="intent")
+    assert data.unlabeled == [f"q {i}" for i in range(7)]
+    write_rows(tmp_path / "t" / "unlabeled.jsonl", [{"text": "q"}])
+    with pytest.raises(DataError, match=r"unlabeled.jsonl: missing column 'query'"):
+        read_tenant_data(str(tmp_path / "t"), text_column="query", label_column="intent")
+
+
+def test_a_folder_on_s3_with_an_unlabeled_file(s3_moto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import fsspec
+
+    rows = make_rows(LABELS, 6, 0, "train")
+    write_rows(tmp_path / "t" / "train.parquet", rows)
+    write_rows(tmp_path / "t" / "unlabeled.jsonl", [{"text": f"q {i}"} for i in range(4)])
+    uri = s3_moto.uri("tenants") + "/t"
+    fs, path = fsspec.core.url_to_fs(uri, **s3_moto.storage_options)
+    fs.put(str(tmp_path / "t"), path, recursive=True)
+    data = read_tenant_data(uri, s3_moto.storage_options)
+    assert data.unlabeled == [f"q {i}" for i in range(4)] and len(data.train) + len(data.validation) == 24
+
+
+def test_empty_repeated_and_labelled_unlabeled_texts_are_dropped_with_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    labelled = make_rows(LABELS, 6, 0, "train") + make_rows(LABELS, 3, 0, "test")
+    texts = ["new one", "", "   ", "new one", labelled[0]["text"], labelled[-1]["text"], "new two"]
+    rows = labelled + [{"text": t, "label": "", "split": "unlabeled"} for t in texts]
+    with caplog.at_level(logging.WARNING, logger="adistill.data"):
+        data = read_tenant_data(str(write_rows(tmp_path / "t.parquet", rows)))
+    assert data.unlabeled == ["new one", "new two"]
+    assert "5 of 7 unlabelled texts dropped (2 empty, 3 duplicates or already labelled)" in caplog.text
+
+
+def test_too_many_unlabeled_texts_is_a_clear_error(tmp_path: Path) -> None:
+    rows = make_rows(LABELS, 6, 0, "train") + [{"text": f"q {i}", "label": "", "split": "unlabeled"} for i in range(6)]
+    path = str(write_rows(tmp_path / "t.parquet", rows))
+    assert len(read_tenant_data(path, max_unlabeled=6).unlabeled) == 6
+    with pytest.raises(DataError, match="6 unlabelled texts, more than the 5 a tenant may bring"):
+        read_tenant_data(path, max_unlabeled=5)
+
+
+def test_unlabeled_texts_enter_the_fingerprint_and_survive_few_shot(tmp_path: Path, with_unlabeled: Path) -> None:
+    plain = read_tenant_data(str(with_unlabeled.parent / "plain.parquet"))
+    data = read_tenant_data(str(with_unlabeled))
+    assert len(data.unlabeled) == 40 and data.fingerprint() != plain.fingerprint()
+    assert data.train.texts == plain.train.texts
+    # data without unlabelled queries keeps the fingerprint it always had (published tenants stay skippable)
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("train", "validation", "test"):
+        split = getattr(plain, name)
+        digest.update(json.dumps([name, split.texts, split.labels]).encode())
+    assert plain.fingerprint() == digest.hexdigest()
+    assert few_shot(data, 2, 0).unlabeled == data.unlabeled
+
+
+# ------------------------------------------------------------------------------------------------------- loss
+
+
+def test_unlabeled_rows_get_only_the_teacher_to_student_terms() -> None:
+    torch.manual_seed(0)
+    s = torch.randn(5, 4, requires_grad=True)
+    t = torch.randn(5, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2, UNLABELED, UNLABELED])
+    hs = [torch.randn(5, 3, 6, requires_grad=True)]
+    ht = [torch.randn(5, 3, 6)]
+    cfg = DistillConfig(alpha=0.3, beta=0.7, gamma=0.2)
+    out = distillation_loss(s, t, y, cfg, hs, ht)
+    torch.testing.assert_close(out.student_ce, F.cross_entropy(s[:3], y[:3]))
+    torch.testing.assert_close(out.teacher_ce, F.cross_entropy(t[:3], y[:3]))
+    kd_all = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="batchmean") * 4
+    torch.testing.assert_close(out.kd, kd_all)  # KD covers every row, labelled or not
+    out.total.backward()
+    assert t.grad is not None and s.grad is not None and hs[0].grad is not None
+    assert torch.all(t.grad[3:] == 0) and torch.all(t.grad[:3] != 0)  # the teacher learns from labels only
+    assert torch.all(s.grad[3:] != 0) and torch.all(hs[0].grad[3:] != 0)  # the student learns from the teacher there
+    # without the KD and hidden terms an unlabelled row is inert
+    s.grad = None
+    distillation_loss(s, t, y, DistillConfig(alpha=1.0, beta=0.0)).total.backward()
+    assert torch.all(s.grad[3:] == 0)
+
+
+def test_a_batch_without_labelled_rows_has_zero_ce_not_nan() -> None:
+    s, t = torch.randn(3, 4), torch.randn(3, 4)
+    out = distillation_loss(s, t, torch.full((3,), UNLABELED), DistillConfig())
+    assert out.student_ce == 0 and out.teacher_ce == 0 and torch.isfinite(out.total)
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+
+
+def test_without_transfer_rows_the_batches_are_the_labelled_batches(tiny: Backbone) -> None:
+    texts = [f"query number {i}" for i in range(21)]
+    labels = [i % 3 for i in range(21)]
+    plain = Encoded(tiny, texts, labels, 32)
+    ours = TransferSet(tiny, texts, labels, [], TransferConfig(), 32)
+    a = list(plain.batches(8, torch.Generator().manual_seed(3)))
+    b = list(ours.batches(8, torch.Generator().manual_seed(3)))
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+
+
+def test_transfer_batches_mix_rows_by_ratio_and_cap_each_epoch(tiny: Backbone) -> None:
+    texts, labels = [f"labelled {i}" for i in range(10)], [i % 2 for i in range(10)]
+    transfer = [f"unlabelled {i}" for i in range(100)]
+    rows = TransferSet(tiny, texts, labels, transfer, TransferConfig(ratio=2.0, max_per_epoch=60), 32)
+    generator = torch.Generator().manual_seed(0)
+    epochs = [list(rows.batches(4, generator)) for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == 8  # 60 drawn / 8 per batch
+        for batch in batches:
+            labelled = (batch.labels != UNLABELED).tolist()
+            assert labelled[:4] == [True] * 4 and not any(labelled[4:])  # 4 labelled first, then up to 8 transfer
+        assert sum(int((b.labels == UNLABELED).sum()) for b in batches) == 60
+    seen = [{tuple(r) for b in batches for r in b.input_ids[b.labels == UNLABELED].tolist()} for batches in epochs]
+    assert seen[0] != seen[1]  # a fresh sample each epoch
+    # few transfer rows: the epoch is one pass over the labelled rows
+    small = TransferSet(tiny, texts, labels, transfer[:3], TransferConfig(ratio=1.0), 32)
+    batches = list(small.batches(4, torch.Generator().manual_seed(0)))
+    assert len(batches) == 3 and sum(int((b.labels != UNLABELED).sum()) for b in batches) == 12
+
+
+# ----------------------------------------------------------------------------------------------- stage 2, controls
+
+
+def teachers_for(tiny: Backbone) -> list[Teacher]:
+    return [Teacher(f"t{i}", random_tenant(tiny, i).adapters) for i in (1, 2)]  # type: ignore[arg-type]
+
+
+def test_stage2_learns_from_unlabeled_rows_and_records_them(tiny: Backbone, with_unlabeled: Path) -> None:
+    data = read_tenant_data(str(with_unlabeled))
+    cfg = fast_config("distill", epochs=2, transfer=TransferConfig(ratio=0.25))
+    teachers = teachers_for(tiny)
+    result = train_tenant(tiny, data, cfg, teachers)
+    assert result.metrics["unlabeled_examples"] == 40
+    assert result.stages["stage2"].steps == 2 * 10  # 40 unlabelled rows, 4 per batch beside 16 labelled: 10 batches
+
+    stage1, _ = train_adapter(tiny, data, cfg)
+    adapters = [t.adapters for t in teachers]
+    with_rows, _ = distill(tiny, data, cfg, stage1, adapters)
+    without, fit = distill(tiny, data, cfg, stage1, adapters, transfer=TransferInputs([], "none"))
+    assert fit.steps == 2 * 5  # 80 labelled rows: 5 batches an epoch
+    assert any(not torch.equal(a, b) for a, b in zip(with_rows.parameters(), without.parameters()))
+    plain = train_tenant(tiny, read_tenant_data(str(with_unlabeled.parent / "plain.parquet")), cfg, teachers)
+    assert "unlabeled_examples" not in plain.metrics
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_stage2_with_the_hidden_state_term_over_unlabeled_rows(
+    tiny: Backbone, with_unlabeled: Path, detach: bool
+) -> None:
+    """γ > 0: the hidden-state term covers the unlabelled rows too (teacher side without gradient when detached)."""
+    data = read_tenant_data(str(with_unlabeled))
+    cfg = fast_config("distill", epochs=1, distill=DistillConfig(gamma=0.1, detach_teacher=detach))
+    stage1, _ = train_adapter(tiny, data, cfg)
+    student, fit = distill(tiny, data, cfg, stage1, [t.adapters for t in teachers_for(tiny)])
+    assert fit.steps == 5 and all(torch.isfinite(torch.tensor(h["loss"])) for h in fit.history)
+    assert any(not torch.equal(a, b) for a, b in zip(student.parameters(), stage1.parameters()))
+
+
+def test_methods_that_cannot_use_unlabeled_rows_say_so(
+    tiny: Backbone, with_unlabeled: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = read_tenant_data(str(with_unlabeled))
+    with caplog.at_level(logging.WARNING, logger="adistill.recipes.train"):
+        result = train_tenant(tiny, data, fast_config("adapter", epochs=1))
+    assert "40 unlabelled queries not used" in caplog.text and "unlabeled_examples" not in result.metrics
+
+
+def test_self_training_uses_confident_pseudo_labels_only(tiny: Backbone, with_unlabeled: Path) -> None:
+    data = read_tenant_data(str(with_unlabeled))
+    cfg = fast_config("distill", epochs=3)
+    stage1, _ = train_adapter(tiny, data, cfg)
+    texts, targets = pseudo_labels(tiny, stage1, data.unlabeled, cfg.max_length, 0.0)
+    assert texts == data.unlabeled and all(0 <= t < len(LABELS) for t in targets)
+    assert pseudo_labels(tiny, stage1, data.unlabeled, cfg.max_length, 1.01) == ([], [])
+    model, fit, used = self_train(tiny, data, cfg, stage1, min_confidence=0.0)
+    assert used == 40 and fit.steps == 3 * 5 and model.method == "adapter"
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), stage1.parameters()))
+
+
+def test_stage2_without_teachers_is_the_no_teacher_control(tiny: Backbone, with_unlabeled: Path) -> None:
+    data = read_tenant_data(str(with_unlabeled))
+    cfg = fast_config("distill", epochs=1)
+    stage1, _ = train_adapter(tiny, data, cfg)
+    student, fit = distill(tiny, data, cfg, stage1, [])  # the fusion holds only the tenant's own adapter
+    assert fit.steps > 0 and student.method == "distill"
+
+
+# -------------------------------------------------------------------------------------------------- augmentation
+
+
+def test_perturbations_are_seeded_and_never_return_the_original() -> None:
+    texts = ["please pay my electricity bill today", "book a flight to paris now", "hi"]
+    a = augment(texts, "mixed", 3, 0.3, seed=1)
+    assert a == augment(texts, "mixed", 3, 0.3, seed=1) and a != augment(texts, "mixed", 3, 0.3, seed=2)
+    assert not set(a) & set(texts) and len(a) == len(set(a))
+    import random
+
+    rng = random.Random(0)
+    words = texts[0].split()
+    assert "[MASK]" in perturb(texts[0], "mask", 0.3, rng)
+    assert sorted(perturb(texts[0], "swap", 0.3, rng).split()) == sorted(words)
+    dropped = perturb(texts[0], "dropout", 0.5, rng).split()
+    assert 1 <= len(dropped) < len(words) and set(dropped) <= set(words)
+    assert set(KINDS) == {"dropout", "mask", "swap"}
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        perturb(texts[0], "shuffle", 0.3, rng)
+
+
+def test_augmentation_is_opt_in_and_only_without_unlabeled_rows(tiny: Backbone, with_unlabeled: Path) -> None:
+    plain = read_tenant_data(str(with_unlabeled.parent / "plain.parquet"))
+    assert transfer_inputs(tiny, plain, fast_config("distill")).texts == []
+    cfg = fast_config("distill", epochs=1, transfer=TransferConfig(augment="mask", augment_copies=2))
+    inputs = transfer_inputs(tiny, plain, cfg)
+    assert inputs.source == "augmented" and 0 < len(inputs.texts) <= 2 * len(plain.train)
+    assert all("[MASK]" in t for t in inputs.texts)
+    result = train_tenant(tiny, plain, cfg, teachers_for(tiny))
+    assert result.metrics["augmented_examples"] == len(inputs.texts)
+    assert transfer_inputs(tiny, read_tenant_data(str(with_unlabeled)), cfg).source == "unlabeled"
+
+
+# --------------------------------------------------------------------------------------------- recipe and tuning
+
+
+def test_transfer_settings_are_validated_recipe_fields() -> None:
+    cfg = RecipeConfig.from_dict({"transfer": {"ratio": 4, "max_per_epoch": None, "augment": "swap"}})
+    assert (cfg.transfer.ratio, cfg.transfer.max_per_epoch, cfg.transfer.augment) == (4, None, "swap")
+    for bad, message in (
+        ({"ratio": 0}, r"transfer.ratio must be in \(0, 64\]"),
+        ({"max_per_epoch": 0}, "transfer.max_per_epoch must be >= 1"),
+        ({"augment": "shuffle"}, "transfer.augment must be one of"),
+        ({"augment_rate": 1.0}, r"transfer.augment_rate must be in \(0, 1\)"),
+        ({"ratios": 2}, r"unknown key\(s\) \['ratios'\] in transfer"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            RecipeConfig.from_dict({"transfer": bad})
+
+
+def test_tune_spaces_may_search_the_transfer_set() -> None:
+    space = space_from_dict(
+        {"params": {"transfer.ratio": {"loguniform": [0.5, 8.0]}, "transfer.max_per_epoch": {"choice": [256, None]}}}
+    )
+    cfg = space.apply(RecipeConfig(), {"transfer.ratio": 2.0, "transfer.max_per_epoch": None})
+    assert (cfg.transfer.ratio, cfg.transfer.max_per_epoch) == (2.0, None)
+    with pytest.raises(ConfigError, match=r"params.transfer.ratio: value 0.0 makes an invalid recipe"):
+        space_from_dict({"params": {"transfer.ratio": {"uniform": [0.0, 2.0]}}})
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['transfer.augment_copies'\]"):
+        space_from_dict({"params": {"transfer.augment_copies": {"int": [1, 3]}}})
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def test_train_cli_takes_a_folder_with_unlabeled_queries_and_records_them(
+    capsys: pytest.CaptureFixture[str], tiny: Backbone, tiny_path: Path, tenants_dir: Path, tmp_path: Path
+) -> None:
+    import yaml
+    from helpers import run_cli
+
+    from adistill.recipes.tenant import TenantJob, run_job
+    from adistill.store.registry import Registry
+
+    registry = Registry(str(tmp_path / "registry"))
+    job = TenantJob("bank", str(tenants_dir / "bank.parquet"), fast_config("adapter", epochs=1))
+    registry.publish("bank", run_job(job, tiny, [])[0])
+    rows = pq.read_table(tenants_dir / "new.parquet").to_pylist()
+    for split in ("train", "validation", "test"):
+        write_rows(tmp_path / "new" / f"{split}.parquet", [r for r in rows if r["split"] == split])
+    write_rows(tmp_path / "new" / "unlabeled.csv", [{"text": r["text"]} for r in unlabeled_rows()])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(fast_config("distill", epochs=1).to_dict()))
+    code, out, err = run_cli(
+        capsys, "train", "--config", str(recipe), "--data", str(tmp_path / "new"), "--tenant", "new",
+        "--out", str(tmp_path / "out"), "--teacher-registry", registry.uri, "--backbone", str(tiny_path),
+    )  # fmt: skip
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert meta["method"] == "distill"
+    assert meta["metrics"]["unlabeled_examples"] == 40 and meta["data"]["unlabeled_examples"] == 40
+    assert json.loads(out)["unlabeled_examples"] == 40  # the summary line holds the metrics
