@@ -100,6 +100,6 @@ def test_sigterm_to_the_process_group_stops_serve_cleanly(registry: Registry, ti
     assert f"http://127.0.0.1:{port}" in err and "auth on" in err and "stopped" in err, err
     assert not [n for n in NOISE if n in out + err], err
     assert admin not in out + err
-    with socket.socket() as s:  # the port is free again
+    with socket.socket() as s:  # the port is free again: nothing (HAProxy included) outlives the stop
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))

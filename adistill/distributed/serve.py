@@ -21,6 +21,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -146,12 +147,15 @@ def run_until_interrupted(
     if threading.current_thread() is threading.main_thread():
         # after ray.init, which installs its own SIGTERM handler (log + abort): a stop cleans up like Ctrl-C
         previous = signal.signal(signal.SIGTERM, stop)
+    haproxy: set[str] = set()  # config files of the HAProxy processes our local Ray started (high-throughput mode)
     try:
         url = _start(config, host, port)
         log.info("adistill serving %s at %s", config.registry, url)
         if ready is not None:
             ready(url)
         while True:
+            if not joining:
+                haproxy |= _haproxy_configs()
             time.sleep(1.0)
     finally:
         try:
@@ -162,6 +166,7 @@ def run_until_interrupted(
                     ray.shutdown()  # disconnects; the cluster goes on
             else:
                 _stop_local_ray()
+                _stop_haproxy(haproxy)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -189,6 +194,61 @@ def _stop_local_ray(timeout_s: float = 15.0) -> None:
         if node is not None:
             with contextlib.suppress(Exception):
                 node.kill_all_processes(check_alive=False, allow_graceful=False)
+
+
+def _haproxy_processes() -> Iterator[tuple[int, str, int]]:
+    """(pid, command line, parent pid) of every HAProxy process on this machine (Linux /proc)."""
+    import os
+
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
+        if "haproxy" in cmdline.split(" ")[0]:
+            yield int(entry), cmdline, int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def _haproxy_configs() -> set[str]:
+    """Config files of the HAProxy processes descended from this process: Serve's high-throughput mode starts one
+    per node from its HAProxy manager actor, in a session of its own, so a stop of our process group misses it."""
+    import os
+
+    procs = list(_haproxy_processes())
+    if not procs:
+        return set()
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat[stat.rfind(")") + 2 :].split()[1])
+    me, found = os.getpid(), set()
+    for pid, cmdline, _ in procs:
+        ancestor, hops = pid, 0
+        while ancestor not in (0, 1, me) and hops < 64:
+            ancestor, hops = parents.get(ancestor, 0), hops + 1
+        if ancestor == me:
+            found |= {arg for arg in cmdline.split(" ") if arg.endswith(".cfg")}
+    return found
+
+
+def _stop_haproxy(configs: set[str]) -> None:
+    """Stop the HAProxy processes our local Ray started (matched by their config files), which outlive Ray's
+    shutdown when the whole process group was signalled."""
+    import os
+    import signal
+
+    if not configs:
+        return
+    for pid, cmdline, _ in _haproxy_processes():
+        if any(cfg in cmdline for cfg in configs):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
 
 
 @contextlib.contextmanager
