@@ -62,6 +62,7 @@ from adistill.backbone import load_backbone  # noqa: E402
 from adistill.store.registry import Registry  # noqa: E402
 
 log = logging.getLogger("benchmarks.faults")
+FRONTS = {"ray": "Serve's Python proxy", "haproxy": "HAProxy front"}
 ROW_KEYS = ("fault", "sent", "ok", "failed_5xx", "wrong", "lost", "recovery_s")
 TENANTS = [f"t{i:02d}" for i in range(10)]
 NAMES = {
@@ -81,6 +82,10 @@ def run_faults(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
     backbone = load_backbone(spec)
     quick = args.quick
     load = {"clients": args.clients, "pause_s": args.pause_s, "timeout_s": 30.0, "max_seconds": 600.0}
+    if args.http_proxy == "haproxy":  # before the local Ray starts: every process it starts reads them
+        from adistill.cli.serve import HAPROXY_ENV
+
+        os.environ.update(HAPROXY_ENV)
     ray.init(address="local", num_cpus=8, include_dashboard=True, log_to_driver=False, configure_logging=False)
     moto = start_moto()
     port = free_port()
@@ -91,6 +96,7 @@ def run_faults(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
         "backbone": "all-MiniLM-L6-v2" if spec is None else "tiny (2 layers, hidden 48)",
         "quick": quick,
         "poll_interval_s": args.poll_s,
+        "http_proxy": args.http_proxy,
         **{k: v for k, v in load.items() if k != "max_seconds"},
     }
 
@@ -103,6 +109,8 @@ def run_faults(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
             log.exception("fault %s failed", number)
             result = {"fault": NAMES[number], "error": f"{type(exc).__name__}: {exc}"}
         result["fault_number"] = int(number)
+        if args.http_proxy != "ray":  # a row per front: `merge` keeps the other front's row of the same fault
+            result["fault"] = f"{result['fault']} ({FRONTS[args.http_proxy]})"
         result["run_seconds"] = round(time.monotonic() - start, 1)
         result["settings"] = settings
         rows.append(result)
@@ -141,8 +149,12 @@ def run_faults(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
         if "5" in args.faults:
             attempt("5", lambda: full_disk(backbone, spec, scratch, port, args.poll_s, load))
     finally:
+        from adistill.distributed.serve import _haproxy_configs, _stop_haproxy
+
+        haproxy = _haproxy_configs()
         moto.stop()
         ray.shutdown()
+        _stop_haproxy(haproxy)
     return rows
 
 
@@ -179,8 +191,8 @@ def merge(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """This run's rows in place of the same faults' earlier rows (a details file keeps the whole of each)."""
     details_path = path.with_name(path.stem + "_details.json")
     old = json.loads(details_path.read_text()) if details_path.exists() else []
-    numbers = {r["fault_number"] for r in rows}
-    merged = sorted([r for r in old if r.get("fault_number") not in numbers] + rows, key=lambda r: r["fault_number"])
+    keys = {_key(r) for r in rows}
+    merged = sorted([r for r in old if _key(r) not in keys] + rows, key=_key)
     details_path.write_text(json.dumps(merged, indent=1, default=str) + "\n")
     table = [
         {k: r.get(k) for k in ROW_KEYS} if "error" not in r else {"fault": r["fault"], "error": r["error"]}
@@ -188,6 +200,12 @@ def merge(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
     path.write_text(json.dumps(table, indent=2) + "\n")
     return merged
+
+
+def _key(row: dict[str, Any]) -> tuple[int, int]:
+    """A row is a fault under one HTTP front."""
+    front = (row.get("settings") or {}).get("http_proxy", "ray")
+    return row["fault_number"], list(FRONTS).index(front)
 
 
 def markdown(rows: list[dict[str, Any]], setup: str) -> str:
@@ -258,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pause-s", type=float, default=0.5, help="each client's pause between requests")
     p.add_argument("--poll-s", type=float, default=5.0, help="the app's poll_interval_s (the default)")
     p.add_argument("--quick", action="store_true", help="shorter outages and waits (a smoke run)")
+    p.add_argument("--http-proxy", default="ray", choices=("ray", "haproxy"), help="Serve's HTTP front (as serve)")
     p.add_argument("--json", default="benchmarks/results/faults.json", help="JSON out; .md and _details.json beside it")
     p.add_argument("--report-only", action="store_true", help="rewrite .md and .png from _details.json only")
     args = p.parse_args(argv)
@@ -273,11 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="adistill-faults-") as scratch:
             rows = run_faults(args, Path(scratch))
         merged = merge(path, rows)
+    ran = "" if args.report_only else f" (faults {', '.join(args.faults)}, front {args.http_proxy})"
     setup = (
-        "Every fault: the serving app on a local Ray with 2 encoder replicas (1 for fault 5), auth on, quotas off, "
+        "Every fault: the serving app on a local Ray (its HTTP front in each row's settings: `ray`, Serve's Python "
+        "proxy, or `haproxy`, its high-throughput mode as `adistill serve --http-proxy haproxy` and k8s run it) with 2 "
+        "encoder replicas (1 for fault 5), auth on, quotas off, "
         "its registry on moto S3 over HTTP on 127.0.0.1 (fault 5: a local folder on a tmpfs); 16 clients over 10 "
         "tenants, each sending one request (one text) at a time with a pause between; every 200 compared with the "
-        f"offline engine. Each row's settings are listed below. Last run {started} (faults {', '.join(args.faults)}) "
+        f"offline engine. Each row's settings are listed below. Last run {started}{ran} "
         f"on {platform.machine()} with {os.cpu_count()} cores, shared with other work."
     )
     path.with_suffix(".md").write_text(markdown(merged, setup))

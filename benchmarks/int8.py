@@ -22,34 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accuracy import teacher_artifacts  # the same domain tenants, the same recipe
 
 from adistill.backbone import Backbone, load_backbone, quantize_int8
-from adistill.config import AdapterConfig, RecipeConfig, TrainConfig
+from adistill.config import AdapterConfig
 from adistill.data import read_tenant_data
 from adistill.datasets import clinc150
 from adistill.inference.engine import Engine
-from adistill.recipes import train_tenant
 from adistill.recipes.evaluate import accuracy
-from adistill.store.artifact import load_artifact, save_artifact
+from adistill.store.artifact import load_artifact
 
 log = logging.getLogger("benchmarks.int8")
-
-
-def domain_artifacts(backbone: Backbone, workdir: Path, epochs: int) -> dict[str, Path]:
-    """One adapter per CLINC150 domain on its full training data (cached), as benchmarks/accuracy.py trains them."""
-    out = {}
-    cfg = RecipeConfig(method="adapter", stage1=TrainConfig(epochs=epochs, lr=1e-3, patience=3))
-    for domain in clinc150.domains():
-        path = workdir / "teachers" / domain
-        if not (path / "adapter_config.json").exists():
-            t0 = time.perf_counter()
-            data = read_tenant_data(clinc150.tenant_path(domain))
-            result = train_tenant(backbone, data, cfg)
-            record = {"source": domain, "fingerprint": data.fingerprint(), "train_examples": len(data.train)}
-            save_artifact(result.files(domain.replace("_", "-"), backbone, cfg, record), path)
-            log.warning("trained %s (%.0f s)", domain, time.perf_counter() - t0)
-        out[domain] = path
-    return out
 
 
 def test_accuracy(backbone: Backbone, artifacts: dict[str, Path]) -> dict[str, float]:
@@ -93,7 +76,7 @@ def int8_report(workdir: Path, epochs: int = 8, rounds: int = 12) -> dict[str, A
     int8 = load_backbone(None, precision="int8")  # per-channel weight scales (the default)
     per_tensor = load_backbone(None)
     quantize_int8(per_tensor, per_channel=False)  # the alternative, for the record
-    artifacts = domain_artifacts(fp32, workdir, epochs)
+    artifacts = teacher_artifacts(fp32, workdir, epochs)
     acc32, acc8 = test_accuracy(fp32, artifacts), test_accuracy(int8, artifacts)
     acc_tensor = test_accuracy(per_tensor, artifacts)
     speed = engine_ratio(fp32, int8, rounds)

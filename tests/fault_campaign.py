@@ -205,6 +205,17 @@ class Load:
             time.sleep(0.1)
         return time.monotonic()
 
+    def wait_in_flight(self, n: int, within_s: float) -> bool:
+        """Until at least `n` requests are unanswered (polled every millisecond), at most `within_s` seconds;
+        whether it happened."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.in_flight >= n:
+                    return True
+            time.sleep(0.001)
+        return False
+
     # -- the clients, in the load's own thread -----------------------------------------------------------------
 
     def _run(self) -> None:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,9 +166,21 @@ def ok_per_tenant(outcomes: list[Outcome]) -> Counter[str]:
     return Counter(o.tenant for o in outcomes if o.kind == "ok")
 
 
-def warm(load: Load, tenants: list[str], per_tenant: int, timeout_s: float) -> None:
+def warm(load: Load, tenants: list[str], per_tenant: int, wait_s: float) -> None:
     """Until every tenant answered `per_tenant` times (with 2 replicas: both have loaded every tenant)."""
-    load.wait_until(lambda: all(ok_per_tenant(load.snapshot())[t] >= per_tenant for t in tenants), timeout_s, "warm-up")
+    load.wait_until(lambda: all(ok_per_tenant(load.snapshot())[t] >= per_tenant for t in tenants), wait_s, "warm-up")
+
+
+@contextlib.contextmanager
+def warm_load(site: Site, warm_per_tenant: int, wait_s: float, **load: Any) -> Iterator[Load]:
+    """The steady load, started and warmed up (every tenant answered `warm_per_tenant` times); stopped on the way out
+    (every request in flight ends first), so `run.stop()` after the block returns every outcome."""
+    run = site.load(**load).start()
+    try:
+        warm(run, site.tenants, warm_per_tenant, wait_s)
+        yield run
+    finally:
+        run.stop()
 
 
 def latency(outcomes: list[Outcome], q: float) -> float | None:
@@ -179,19 +192,25 @@ def latency(outcomes: list[Outcome], q: float) -> float | None:
 
 
 def replica_killed(
-    site: Site, kills: int = 1, warm_per_tenant: int = 10, post_s: float = 5.0, timeout_s: float = 120.0, **load: Any
+    site: Site,
+    kills: int = 1,
+    warm_per_tenant: int = 10,
+    post_s: float = 5.0,
+    wait_s: float = 120.0,
+    in_flight: int = 4,
+    **load: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """SIGKILL one encoder replica's process under load, `kills` times in turn; after each, wait until the group runs
-    all its replicas again, then `post_s` more seconds of load."""
+    """SIGKILL one encoder replica's process under load, `kills` times in turn, each at a moment when at least
+    `in_flight` requests are unanswered (so some are on the victim); after each, wait until the group runs all its
+    replicas again, then `post_s` more seconds of load."""
     before = replica_pids(site.app)
     assert len(before) >= 2 and running_replicas(site.app) == len(before), before
-    run = site.load(**load).start()
     windows: list[tuple[float, float]] = []
-    try:
-        warm(run, site.tenants, warm_per_tenant, timeout_s)
+    with warm_load(site, warm_per_tenant, wait_s, **load) as run:
         for _ in range(kills):
             pids = replica_pids(site.app)
             victim = pids[0]
+            run.wait_in_flight(in_flight, within_s=10.0)  # the kill lands on requests being answered
             t_kill = time.monotonic()
             os.kill(victim, signal.SIGKILL)
 
@@ -199,10 +218,9 @@ def replica_killed(
                 now = replica_pids(site.app)
                 return len(now) == len(before) and victim not in now and running_replicas(site.app) == len(before)
 
-            windows.append((t_kill, run.wait_until(back, timeout_s, f"{len(before)} replicas running again")))
+            windows.append((t_kill, run.wait_until(back, wait_s, f"{len(before)} replicas running again")))
             time.sleep(post_s)
-    finally:
-        outcomes = run.stop()
+    outcomes = run.stop()
     per_kill = []
     for t_kill, t_back in windows:
         failed = [o for o in failures(outcomes) if t_kill <= o.end and o.start < t_back]
@@ -243,14 +261,12 @@ def s3_unreachable(
     outage_s: float = 10.0,
     warm_per_tenant: int = 10,
     post_s: float = 5.0,
-    timeout_s: float = 120.0,
+    wait_s: float = 120.0,
     **load: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stop the S3 server under load while a probe asks for `cold` (published, never loaded); start it again."""
     assert site.s3 is not None
-    run = site.load(**load).start()
-    try:
-        warm(run, site.tenants, warm_per_tenant, timeout_s)
+    with warm_load(site, warm_per_tenant, wait_s, **load) as run:
         t_down = time.monotonic()
         with site.s3.down():
             run.add_client([cold], pause_s=0.5, seed=99)
@@ -260,10 +276,9 @@ def s3_unreachable(
         def cold_answers() -> bool:
             return any(o.tenant == cold and o.kind == "ok" and o.start >= t_up for o in run.snapshot())
 
-        t_cold = run.wait_until(cold_answers, timeout_s, f"{cold} answered once S3 is back")
+        t_cold = run.wait_until(cold_answers, wait_s, f"{cold} answered once S3 is back")
         time.sleep(post_s)
-    finally:
-        outcomes = run.stop()
+    outcomes = run.stop()
     warm_ones = [o for o in outcomes if o.tenant != cold]
     cold_ones = [o for o in outcomes if o.tenant == cold]
     during = [o for o in warm_ones if t_down <= o.start < t_up]
@@ -311,55 +326,54 @@ def s3_fails_mid_publish(
     cuts: tuple[str, ...] = tuple(CUTS),
     down_s: float = 3.0,
     warm_per_tenant: int = 5,
-    timeout_s: float = 120.0,
+    wait_s: float = 120.0,
     **load: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Publish a new version of `tenant` (under load) while the S3 server stops in the middle of it, at each of
     `cuts`; start S3 again and retry the same artifact."""
     assert site.s3 is not None and site.s3.moto is not None, "the mid-upload cut needs the moto server"
-    run = site.load(**load).start()
     attempts = []
-    try:
-        warm(run, site.tenants, warm_per_tenant, timeout_s)
-        for cut in cuts:
-            files = site.files(tenant)
-            before = site.registry.versions(tenant)
-            claimed = site.claimed(tenant)
-            site.s3.moto.cut_when(_cut_predicate(cut, tenant), after=CUTS[cut][1])
-            t0 = time.monotonic()
-            error = None
-            try:
-                site.publish(tenant, files)
-            except RegistryError as exc:
-                error = str(exc)
-            t_failed = time.monotonic()
-            assert site.s3.moto.cut_done.is_set(), f"the cut at {cut} did not happen"
-            time.sleep(down_s)
-            t_up = time.monotonic()
+    with warm_load(site, warm_per_tenant, wait_s, **load) as run:
+        try:
+            for cut in cuts:
+                files = site.files(tenant)
+                before = site.registry.versions(tenant)
+                claimed = site.claimed(tenant)
+                site.s3.moto.cut_when(_cut_predicate(cut, tenant), after=CUTS[cut][1])
+                t0 = time.monotonic()
+                error = None
+                try:
+                    site.publish(tenant, files)
+                except RegistryError as exc:
+                    error = str(exc)
+                t_failed = time.monotonic()
+                assert site.s3.moto.cut_done.is_set(), f"the cut at {cut} did not happen"
+                time.sleep(down_s)
+                t_up = time.monotonic()
+                site.s3.resume()
+                after_cut = site.registry.versions(tenant)
+                version = site.publish(tenant, files)  # the retry
+                served = run.wait_until(
+                    lambda v=version: any(o.tenant == tenant and o.version == v for o in run.snapshot()),
+                    wait_s,
+                    f"version {version} of {tenant} served",
+                )
+                attempts.append(
+                    {
+                        "cut": cut,
+                        "publish_error": error,
+                        "publish_failed_after_s": round(t_failed - t0, 2),
+                        "versions_before": before,
+                        "versions_after_cut": after_cut,
+                        "cut_version": claimed + 1,
+                        "retry_version": version,
+                        "versions_after_retry": site.registry.versions(tenant),
+                        "recovery_s": round(served - t_up, 2),
+                    }
+                )
+        finally:
             site.s3.resume()
-            after_cut = site.registry.versions(tenant)
-            version = site.publish(tenant, files)  # the retry
-            served = run.wait_until(
-                lambda v=version: any(o.tenant == tenant and o.version == v for o in run.snapshot()),
-                timeout_s,
-                f"version {version} of {tenant} served",
-            )
-            attempts.append(
-                {
-                    "cut": cut,
-                    "publish_error": error,
-                    "publish_failed_after_s": round(t_failed - t0, 2),
-                    "versions_before": before,
-                    "versions_after_cut": after_cut,
-                    "cut_version": claimed + 1,
-                    "retry_version": version,
-                    "versions_after_retry": site.registry.versions(tenant),
-                    "recovery_s": round(served - t_up, 2),
-                }
-            )
-    finally:
-        site.s3.resume()
-        outcomes = run.stop()
+    outcomes = run.stop()
     served_versions = sorted({o.version for o in outcomes if o.tenant == tenant and o.version is not None})
     facts = {"attempts": attempts, "served_versions": served_versions, "not_ok": len(failures(outcomes))}
     recovery = max(a["recovery_s"] for a in attempts) if attempts else None
@@ -478,14 +492,12 @@ def disk_full(
     tenant: str,
     full_s: float = 2.0,
     warm_per_tenant: int = 5,
-    timeout_s: float = 120.0,
+    wait_s: float = 120.0,
     **load: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The registry's filesystem (a small tmpfs at `root`) fills up; a publish of `tenant` fails; space is freed and
     the same artifact is published again."""
-    run = site.load(**load).start()
-    try:
-        warm(run, site.tenants, warm_per_tenant, timeout_s)
+    with warm_load(site, warm_per_tenant, wait_s, **load) as run:
         files = site.files(tenant)
         before = site.registry.versions(tenant)
         filler = fill(root, leave_bytes=len(files["adapter.safetensors"]) // 2)
@@ -503,11 +515,10 @@ def disk_full(
         version = site.publish(tenant, files)
         served = run.wait_until(
             lambda: any(o.tenant == tenant and o.version == version for o in run.snapshot()),
-            timeout_s,
+            wait_s,
             f"version {version} of {tenant} served",
         )
-    finally:
-        outcomes = run.stop()
+    outcomes = run.stop()
     facts = {
         "publish_error": error,
         "versions_before": before,

@@ -1,12 +1,16 @@
-"""Builders for serving tests: artifact files of random tenants, and an in-memory registry stand-in."""
+"""Builders for serving tests: artifact files of random tenants, an in-memory registry stand-in, and the serving app
+on the test session's Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from typing import Any
 
-from helpers import fast_config, random_tenant
+from helpers import fast_config, free_port, random_tenant
 
 from adistill.backbone import Backbone
 from adistill.errors import TenantNotFound
@@ -19,6 +23,23 @@ def tenant_files(backbone: Backbone, tenant_id: str, seed: int, num_labels: int 
     return artifact_files(
         tenant_id, model, backbone, fast_config(), {"source": f"random:{seed}"}, {"val_accuracy": 0.0}
     )
+
+
+@contextlib.contextmanager
+def serve_app(settings: dict[str, Any], name: str) -> Iterator[str]:
+    """The serving app built from `settings` (ServeConfig fields), run as `name` at route "/" of the session's Serve;
+    yields its base URL; the app is deleted on the way out."""
+    from ray import serve
+
+    from adistill.distributed.serve import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    port = serve.context._get_global_client().http_config.port  # Serve may already run on the shared instance
+    serve.run(build_app(settings), name=name, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.delete(name)
 
 
 def corrupted(files: dict[str, bytes]) -> dict[str, bytes]:

@@ -408,6 +408,20 @@ def test_rayservice_runs_gpu_encoder_replicas_with_autoscaling() -> None:
     assert scaling["max_replicas"] * args["ray_actor_options"]["num_gpus"] <= gpus, "max replicas fit the GPU Pods"
 
 
+def test_rayservice_runs_serve_behind_haproxy_as_the_cli_does() -> None:
+    """Every Pod of the RayService sets the variables `adistill serve --http-proxy haproxy` sets (HAProxy in front,
+    and its retry of a request whose replica died mid-request)."""
+    from adistill.cli.serve import HAPROXY_ENV
+
+    [service] = of_kind("RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        [container] = group["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in HAPROXY_ENV} == HAPROXY_ENV, container["name"]
+
+
 def test_rayservice_runs_the_same_application_as_serve_apps() -> None:
     """serve_apps/adistill-gpu.yaml (owned by serving) and the RayService run one application: same import path,
     same args except where this deployment keeps its data (registry, storage options, backbone); the runtime_env

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, free_port, run_cli, write_intents_csv
+from helpers import ROOT, run_cli, write_intents_csv
+from serving_helpers import serve_app
 
 from adistill.cli import build_parser
 from adistill.store.registry import Registry
@@ -78,9 +79,7 @@ def test_your_own_data_train_publish_predict(
 def test_your_own_data_in_five_commands(
     capsys: pytest.CaptureFixture[str], ray_local: Any, tiny_path: Path, user_folder: Path
 ) -> None:
-    from ray import serve as ray_serve
-
-    from adistill.distributed.serve import ServeConfig, build_app
+    from adistill.distributed.serve import ServeConfig
 
     serve, _ = first_three(capsys, tiny_path, user_folder)
     # Step 4 on the test session's Ray: the app `adistill serve` builds from the README's flags (its registry made
@@ -91,20 +90,15 @@ def test_your_own_data_in_five_commands(
     if "auth" in fields and getattr(args, "auth", None) is not None:
         config["auth"] = args.auth == "on"
     config.update(backbone=str(tiny_path), ray_actor_options={"num_cpus": 0.5})
-    ray_serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    port = ray_serve.context._get_global_client().http_config.port  # Serve may already run on the shared instance
-    ray_serve.run(build_app(config), name="adistill-readme", route_prefix="/")
-    try:
+    with serve_app(config, "adistill-readme") as url:
         raw = [line for line in readme_block("bash").splitlines() if line.strip()][-1]
-        line = raw.replace("http://127.0.0.1:8000", f"http://127.0.0.1:{port}")
+        line = raw.replace("http://127.0.0.1:8000", url)
         done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=120)  # step 5, as pasted
         assert done.returncode == 0, done.stderr
         answer = json.loads(done.stdout)
         assert answer.get("tenant_id") == "my-bank" and answer["adapter_version"] == 1, answer
         assert [p["labels"][0]["label"] in LABELS for p in answer["predictions"]] == [True] * 2
         assert all(len(p["labels"]) == 2 for p in answer["predictions"])
-    finally:
-        ray_serve.delete("adistill-readme")
 
 
 def test_the_python_example_runs(tiny_path: Path, user_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:

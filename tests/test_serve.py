@@ -17,8 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port
-from serving_helpers import tenant_files
+from serving_helpers import serve_app, tenant_files
 
 from adistill.backbone import Backbone, load_backbone
 from adistill.inference.engine import Engine
@@ -67,10 +66,6 @@ class Service:
 def service(
     ray_local: Any, tiny: Backbone, tiny_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    from ray import serve
-
-    from adistill.distributed.serve import build_app
-
     root = tmp_path_factory.mktemp("serve-registry")
     registry = Registry(str(root))
     for i, t in enumerate(TENANTS):
@@ -79,29 +74,23 @@ def service(
     registry.publish("badbb", tenant_files(tiny, "badbb", seed=51))
     one_tenant = module_bytes(registry.get("t02", tiny).model)  # the biggest head (5 labels)
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    port = serve.context._get_global_client().http_config.port  # Serve may already run on the shared instance
-    app = build_app(
-        {
-            "registry": str(root),
-            "backbone": str(tiny_path),
-            "cache_bytes": 3 * one_tenant,
-            "bank_slots": 8,
-            "poll_interval_s": POLL_S,
-            "max_batch_size": 16,
-            "batch_wait_timeout_s": 0.01,
-            "ray_actor_options": {"num_cpus": 0.5},
-            "auth": False,  # these tests are about answers; keys and quotas: tests/test_serve_auth.py
-            "quota": {"requests_per_s": None, "rows_in_flight": None},
-            **LIMITS,
-        }
-    )
-    serve.run(app, name="adistill-test", route_prefix="/")
-    svc = Service(f"http://127.0.0.1:{port}", registry, root, tiny)
-    yield svc
-    svc.http.close()
-    serve.delete("adistill-test")
+    settings = {
+        "registry": str(root),
+        "backbone": str(tiny_path),
+        "cache_bytes": 3 * one_tenant,
+        "bank_slots": 8,
+        "poll_interval_s": POLL_S,
+        "max_batch_size": 16,
+        "batch_wait_timeout_s": 0.01,
+        "ray_actor_options": {"num_cpus": 0.5},
+        "auth": False,  # these tests are about answers; keys and quotas: tests/test_serve_auth.py
+        "quota": {"requests_per_s": None, "rows_in_flight": None},
+        **LIMITS,
+    }
+    with serve_app(settings, "adistill-test") as url:
+        svc = Service(url, registry, root, tiny)
+        yield svc
+        svc.http.close()
 
 
 def test_predictions_over_http_equal_the_offline_engine(service: Service) -> None:

@@ -19,8 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port
-from serving_helpers import tenant_files
+from serving_helpers import serve_app, tenant_files
 
 from adistill.backbone import Backbone
 from adistill.store.keys import KeyStore, key_id_of
@@ -33,11 +32,11 @@ TEXT = {"texts": ["please pay my bill"]}
 
 
 class Service:
-    def __init__(self, url: str, registry: Registry, keys: KeyStore) -> None:
-        self.url = url
+    def __init__(self, registry: Registry, keys: KeyStore) -> None:
+        self.url = ""  # set, with the client's base URL, once the app runs
         self.registry = registry
         self.keys = keys
-        self.http = httpx.Client(base_url=url, timeout=30)
+        self.http = httpx.Client(timeout=30)
         self.issued: list[str] = []  # every key handed out, for the log scan
         self.key_a = self.new_key(tenant="a")
         self.key_b = self.new_key(tenant="b")
@@ -61,33 +60,23 @@ class Service:
 def service(
     ray_local: Any, tiny: Backbone, tiny_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    from ray import serve
-
-    from adistill.distributed.serve import build_app
-
     root = tmp_path_factory.mktemp("auth-registry")
     registry = Registry(str(root))
     for i, t in enumerate(("a", "b", "limited")):
         registry.publish(t, tenant_files(tiny, t, seed=i))
-    keys = KeyStore.for_registry(registry.uri)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    port = serve.context._get_global_client().http_config.port  # Serve may already run on the shared instance
-    svc = Service(f"http://127.0.0.1:{port}", registry, keys)  # keys exist before the app starts
-    app = build_app(
-        {
-            "registry": str(root),
-            "backbone": str(tiny_path),
-            "poll_interval_s": POLL_S,
-            "max_batch_size": 8,
-            "ray_actor_options": {"num_cpus": 0.5},
-            "tenant_quotas": {"limited": {"requests_per_s": 1, "burst": 2}},
-        }
-    )
-    serve.run(app, name="adistill-auth-test", route_prefix="/")
-    yield svc
-    svc.http.close()
-    serve.delete("adistill-auth-test")
+    svc = Service(registry, KeyStore.for_registry(registry.uri))  # keys exist before the app starts
+    settings = {
+        "registry": str(root),
+        "backbone": str(tiny_path),
+        "poll_interval_s": POLL_S,
+        "max_batch_size": 8,
+        "ray_actor_options": {"num_cpus": 0.5},
+        "tenant_quotas": {"limited": {"requests_per_s": 1, "burst": 2}},
+    }
+    with serve_app(settings, "adistill-auth-test") as url:
+        svc.url, svc.http.base_url = url, httpx.URL(url)
+        yield svc
+        svc.http.close()
 
 
 def is_error(r: httpx.Response, status: int) -> bool:

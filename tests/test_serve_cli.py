@@ -103,3 +103,86 @@ def test_sigterm_to_the_process_group_stops_serve_cleanly(registry: Registry, ti
     with socket.socket() as s:  # the port is free again: nothing (HAProxy included) outlives the stop
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+def replica_processes(root: int) -> list[int]:
+    """Process ids of the encoder replicas among `root`'s descendants (their titles are `ray::ServeReplica:...`)."""
+    parents, titles = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat[stat.rfind(")") + 2 :].split()[1])
+                title = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
+                titles[int(entry)] = title.decode(errors="replace")
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    return sorted(p for p, title in titles.items() if title.startswith("ray::ServeReplica:") and descends(p))
+
+
+def test_behind_haproxy_a_replica_killed_mid_request_loses_no_request(
+    registry: Registry, tiny: Backbone, tiny_path: Path
+) -> None:
+    """Fault 1 with HAProxy in front (as `--http-proxy haproxy` and k8s run it): a replica SIGKILLed while requests
+    are in flight; HAProxy sends those again to the other replica (`RAY_SERVE_HAPROXY_RETRY_ON`), so every request
+    is answered, and correctly (benchmarks/results/faults.md compares Serve's Python proxy, which loses them)."""
+    from fault_campaign import Expected, Load, count
+
+    expected = Expected(tiny)
+    expected.add("bank", 1, registry.get_files("bank"))
+    port, admin = free_port(), secrets.token_urlsafe(32)
+    proc = subprocess.Popen(
+        serve_argv(registry, port, tiny_path, "--http-proxy", "haproxy", "--replicas", "2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(ADISTILL_ADMIN_KEY=admin),
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    headers = {
+        "Authorization": f"Bearer {admin}"
+    }  # at most 40 requests/s: under the tenant quota a lone replica enforces
+    url = f"http://127.0.0.1:{port}"
+    load = Load(url, ["bank"], expected, clients=16, pause_s=0.4, max_seconds=200.0, headers=headers)
+    in_flight = []
+    try:
+        deadline = time.monotonic() + 240
+        while not any("Ctrl-C to stop" in line for line in lines) or len(replica_processes(proc.pid)) < 2:
+            assert proc.poll() is None, lines
+            assert time.monotonic() < deadline, f"not serving 2 replicas within 240 s: {lines}"
+            time.sleep(0.5)
+        load.start()
+        load.wait_until(lambda: count(load.snapshot())["ok"] >= 50, 60, "warm-up")
+        for _ in range(2):
+            victim = replica_processes(proc.pid)[0]
+            in_flight.append(load.wait_in_flight(3, within_s=10.0))
+            os.kill(victim, signal.SIGKILL)
+
+            def replaced(victim: int = victim) -> bool:
+                now = replica_processes(proc.pid)
+                return len(now) == 2 and victim not in now
+
+            load.wait_until(replaced, 120, "a new replica")
+            time.sleep(3.0)  # the new replica answers too
+        outcomes = load.stop()
+    finally:
+        load.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    kinds = count(outcomes)
+    assert all(in_flight), "no kill landed on requests in flight"
+    assert kinds["ok"] == len(outcomes) > 100, (kinds, [o.detail for o in outcomes if o.kind != "ok"][:5])

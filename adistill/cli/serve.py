@@ -12,8 +12,15 @@ from adistill.errors import ConfigError
 from adistill.store.uris import absolute_uri
 
 # Ray Serve's high-throughput mode (ray >= 2.55): HAProxy in front, each replica its own HTTP server, gRPC between
-# Ray processes. Read by Ray when its modules are imported and by every process the local Ray starts.
-HAPROXY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Ray processes. Read by Ray when its modules are imported and by every process the local Ray starts. HAProxy also
+# sends again, to another replica, a request whose replica closed the connection without an answer (one that died
+# mid-request; Ray's default retries only failed connects): every endpoint of the API is a read, safe to repeat
+# (docs/operations.md, fault 1). k8s/rayservice.yaml sets the same variables.
+HAPROXY_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+}
 
 
 def use_haproxy(args: argparse.Namespace) -> None:
