@@ -52,6 +52,7 @@ from adistill.errors import ConfigError
 AdapterKind = Literal["seq_bn", "houlsby"]
 Pooling = Literal["mean", "cls"]
 Method = Literal["adapter", "distill", "fusion", "finetune"]
+TeacherFit = Literal["joint", "fitted"]
 METHODS: tuple[str, ...] = get_args(Method)
 TEACHER_STRATEGIES = ("all", "random", "similar", "probe")  # adistill.selection
 
@@ -311,13 +312,19 @@ class TrainConfig(Config):
 
 @dataclass(frozen=True)
 class DistillConfig(Config):
-    """Stage-2 loss: α·CE(student) + (1-α)·τ²·KL(teacher‖student) + β·CE(teacher) + γ·Σ_l MSE(hidden)."""
+    """Stage-2 loss: α·CE(student) + (1-α)·τ²·KL(teacher‖student) + β·CE(teacher) + γ·Σ_l MSE(hidden).
+
+    `teacher`: `joint` trains the fusion teacher together with the student (its β·CE term on the labelled rows), as
+    the paper does; `fitted` first fits the fusion alone on the labelled rows (cross-entropy, the stage-2 settings,
+    early stopping on validation), then freezes it while the student learns from it, so the teacher's targets on
+    transfer rows are those of a trained model from the first step (β then has no effect)."""
 
     temperature: float = 2.0
     alpha: float = 0.5
     beta: float = 1.0
     gamma: float = 0.0
     detach_teacher: bool = True
+    teacher: TeacherFit = "joint"
 
     def check(self) -> None:
         require(self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}")

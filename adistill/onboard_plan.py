@@ -110,6 +110,17 @@ def _normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
+def _same_recipe(recorded: Any, cfg: RecipeConfig) -> bool:
+    """Whether an artifact's recorded recipe is `cfg`, read as a recipe: a field added since it was trained counts
+    at its default (which is what trained it), so a new recipe field does not retrain every published tenant."""
+    if not isinstance(recorded, dict):
+        return False
+    try:
+        return _normalise(RecipeConfig.from_dict(recorded).to_dict()) == _normalise(cfg.to_dict())
+    except ConfigError:  # a recipe this version cannot read: train again
+        return False
+
+
 def published_same(
     registry: Registry, job: TenantJob, backbone: Backbone, storage_options: dict[str, Any]
 ) -> int | None:
@@ -118,9 +129,9 @@ def published_same(
     if version is None:
         return None
     meta = registry.meta(job.tenant_id, version)
-    if meta.get("backbone", {}).get("fingerprint") != backbone.fingerprint or _normalise(
-        meta.get("hyperparameters")
-    ) != _normalise(job.config.to_dict()):
+    if meta.get("backbone", {}).get("fingerprint") != backbone.fingerprint or not _same_recipe(
+        meta.get("hyperparameters"), job.config
+    ):
         return None
     # Same recipe and backbone: compare the data itself (the only time the driver reads a tenant's data).
     try:

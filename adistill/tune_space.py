@@ -39,6 +39,7 @@ TUNABLE: dict[str, type] = {
     "distill.beta": float,
     "distill.gamma": float,
     "distill.detach_teacher": bool,
+    "distill.teacher": str,
     "stage2.lr": float,
     "stage2.epochs": int,
     "stage2.batch_size": int,
@@ -77,12 +78,17 @@ class Param:
             if not self.values:
                 raise ConfigError(f"{where}: choice needs a non-empty list of values")
             for v in self.values:
-                ok = isinstance(v, bool) if kind is bool else _number(v) and (kind is float or isinstance(v, int))
+                if kind is bool or kind is str:
+                    ok = isinstance(v, kind)
+                else:
+                    ok = _number(v) and (kind is float or isinstance(v, int))
                 if not ok and not (self.path in NULLABLE and v is None):
                     raise ConfigError(f"{where}: choice value {v!r} is not a valid {kind.__name__}")
             return
         if kind is bool:
             raise ConfigError(f"{where}: a true/false setting takes {{choice: [true, false]}}, not {self.distribution}")
+        if kind is str:
+            raise ConfigError(f"{where}: a named setting takes {{choice: [...]}}, not {self.distribution}")
         low, high = self.low, self.high
         if not (_number(low) and _number(high)):
             raise ConfigError(f"{where}: {self.distribution} needs [low, high] numbers, got [{low!r}, {high!r}]")

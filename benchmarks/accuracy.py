@@ -95,6 +95,29 @@ def run_one(
     return row
 
 
+def cached_runs(args, runs_dir: Path, suffix: str, loaded: dict, methods, run, needs=None) -> list[dict]:
+    """Every (shots, seed, tenant) of the arguments, run as `run(domain, shots, seed, peers, done)` with the other
+    domains' adapters as peers; each run cached as JSON under `runs_dir`, so a stopped benchmark resumes where it
+    stopped. A cached run for which `needs(row)` holds is run again with `done` = that row (to add methods)."""
+    rows = []
+    for shots in args.shots:
+        for seed in args.seeds:
+            for domain in args.tenants or clinc150.domains():
+                cache = runs_dir / f"{domain}-k{shots}-s{seed}{suffix}.json"
+                done = json.loads(cache.read_text()) if cache.exists() else None
+                if done is None or (needs is not None and needs(done)):
+                    t0 = time.perf_counter()
+                    peers = [loaded[d].as_teacher().adapters for d in clinc150.domains() if d != domain]
+                    row = run(domain, shots, seed, peers, done)
+                    row["seconds"] = round(time.perf_counter() - t0, 1) + (done or {}).get("seconds", 0.0)
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    cache.write_text(json.dumps(row, indent=1))
+                    accs = {m: round(100 * row[m]["test_accuracy"], 2) for m in methods if m in row}
+                    log.warning("%s k=%d s=%d: %s (%.0fs)", domain, shots, seed, accs, row["seconds"])
+                rows.append(json.loads(cache.read_text()))
+    return rows
+
+
 def throughput(backbone, teacher_paths: list[Path], texts: list[str], repeats: int) -> dict[str, float]:
     """Sequences/s on the same batch: bare encoder, one adapter (adapter = distill at inference), fusion of 10."""
     engine = Engine(backbone)
@@ -227,6 +250,7 @@ def main() -> None:
     p.add_argument("--stage2-patience", type=int, default=None, help="stage 2 / fusion patience (default: --patience)")
     p.add_argument("--transfer-ratio", type=float, default=TransferConfig().ratio)
     p.add_argument("--transfer-max", type=int, default=TransferConfig().max_per_epoch)
+    p.add_argument("--fitted-teacher", action="store_true", help="also stage 2 with distill.teacher = fitted")
     p.add_argument("--augment", default=None, help="also distil over perturbed labelled queries (with --unlabeled)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--note", default="", help="a sentence for the report (what was run, what was not)")
@@ -253,26 +277,14 @@ def main() -> None:
 
         run_transfer(args, backbone, loaded, cfg, workdir, out)
         return
-    rows = []
-    for shots in args.shots:
-        for seed in args.seeds:
-            for domain in args.tenants or clinc150.domains():
-                cache = workdir / "runs" / f"{domain}-k{shots}-s{seed}.json"
-                if not cache.exists():
-                    t0 = time.perf_counter()
-                    peers = [loaded[d].as_teacher().adapters for d in clinc150.domains() if d != domain]
-                    row = run_one(backbone, domain, shots, seed, peers, cfg, args.val_per_label)
-                    row["seconds"] = round(time.perf_counter() - t0, 1)
-                    cache.write_text(json.dumps(row, indent=1))
-                    log.warning(
-                        "%s k=%d s=%d: %s (%.0fs)",
-                        domain,
-                        shots,
-                        seed,
-                        {m: round(100 * row[m]["test_accuracy"], 2) for m in METHODS},
-                        row["seconds"],
-                    )
-                rows.append(json.loads(cache.read_text()))
+    rows = cached_runs(
+        args,
+        workdir / "runs",
+        "",
+        loaded,
+        METHODS,
+        lambda domain, shots, seed, peers, _: run_one(backbone, domain, shots, seed, peers, cfg, args.val_per_label),
+    )
     texts = read_tenant_data(clinc150.tenant_path("banking")).test.texts[:32]
     speed = throughput(backbone, list(teachers.values()), texts, repeats=10)
     one = loaded["banking"]

@@ -13,6 +13,12 @@ user's would be. Stage 1 is trained once per run and shared; then, from it:
     self_training         control (a): stage 1 retrained on its own confident pseudo-labels of the same rows
     transfer_no_teachers  control (b): stage 2 with the transfer set, the fusion holding only its own adapter
     distill_augment       (with --augment KIND) stage 2 with perturbed labelled queries as the transfer set
+    *_fitted              (with --fitted-teacher) distill, distill_transfer and transfer_no_teachers again with
+                          distill.teacher = fitted: the fusion teacher is fitted first, alone, then frozen (the two
+                          runs over the teachers reuse the `fusion` baseline's fit, whose seconds are added to theirs)
+
+The six methods above run the default recipe (distill.teacher = joint, the paper's: the fusion trains with the
+student).
 
 Writes benchmarks/results/transfer.{json,md,png}; runs are cached under --workdir/transfer.
 """
@@ -29,7 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from accuracy import subsample_validation
+from accuracy import cached_runs, subsample_validation
 
 from adistill.config import RecipeConfig, TransferConfig
 from adistill.data import OOS_LABEL, few_shot, read_tenant_data
@@ -43,6 +49,8 @@ from adistill.recipes.transfer import TransferInputs, transfer_inputs
 
 log = logging.getLogger("benchmarks.transfer")
 METHODS = ("adapter", "fusion", "distill", "distill_transfer", "self_training", "transfer_no_teachers")
+FITTED = ("distill_fitted", "distill_transfer_fitted", "transfer_no_teachers_fitted")  # with --fitted-teacher
+OPTIONAL = (*FITTED, "distill_augment")
 STAGE2 = ("distill", "distill_transfer", "transfer_no_teachers")  # stage-2 runs, for the time-saved estimate
 OLD_PATIENCE, OLD_EPOCHS = 10, 40  # stage 2's defaults before issue 17
 TARGETS = {  # shots -> (method compared against, margin in points)
@@ -97,7 +105,10 @@ def run_one(
     per_intent: int,
     folder: Path,
     augment: str | None,
+    fitted: bool = False,
+    done: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One tenant, shots and seed: every method (those in `done`, an earlier run's row, are kept, not run again)."""
     source = tenant_file(domain, shots, seed, per_intent, folder)
     data = subsample_validation(read_tenant_data(str(source)), val_per_label, seed)
     assert sorted(data.train.texts) == sorted(
@@ -118,12 +129,30 @@ def run_one(
     t0 = time.perf_counter()
     stage1, fit1 = train_adapter(backbone, data, cfg)
     row["adapter"] = _record(backbone, stage1, fit1, data, cfg, time.perf_counter() - t0)
-    timed("fusion", lambda: train_fusion(backbone, data, cfg, stage1, teachers))
-    timed("distill", lambda: distill(backbone, data, cfg, stage1, teachers, transfer=none))
-    timed("distill_transfer", lambda: distill(backbone, data, cfg, stage1, teachers))
-    timed("self_training", lambda: self_train(backbone, data, cfg, stage1))
-    timed("transfer_no_teachers", lambda: distill(backbone, data, cfg, stage1, []))
-    if augment:
+    t0 = time.perf_counter()
+    fusion, fusion_fit = train_fusion(backbone, data, cfg, stage1, teachers)
+    row["fusion"] = _record(backbone, fusion, fusion_fit, data, cfg, time.perf_counter() - t0)
+    if done:  # stage 1 and the fusion are retrained (seeded: the same weights), the rest is kept
+        assert done["adapter"]["test_accuracy"] == row["adapter"]["test_accuracy"], "stage 1 did not repeat itself"
+        row.update({k: v for k, v in done.items() if k not in row})
+    todo = lambda method: method not in row  # noqa: E731
+    if todo("distill"):
+        timed("distill", lambda: distill(backbone, data, cfg, stage1, teachers, transfer=none))
+    if todo("distill_transfer"):
+        timed("distill_transfer", lambda: distill(backbone, data, cfg, stage1, teachers))
+    if todo("self_training"):
+        timed("self_training", lambda: self_train(backbone, data, cfg, stage1))
+    if todo("transfer_no_teachers"):
+        timed("transfer_no_teachers", lambda: distill(backbone, data, cfg, stage1, []))
+    if fitted:  # distill.teacher = fitted: the runs over the teachers reuse the fusion above as their frozen teacher
+        fcfg = cfg.replace(distill=cfg.distill.replace(teacher="fitted"))
+        for method, transfer in (("distill_fitted", none), ("distill_transfer_fitted", None)):
+            if todo(method):
+                timed(method, lambda t=transfer: distill(backbone, data, fcfg, stage1, teachers, None, t, fusion))
+                row[method]["train_seconds"] = round(row[method]["train_seconds"] + row["fusion"]["train_seconds"], 1)
+        if todo("transfer_no_teachers_fitted"):  # its own fusion (one member), fitted inside `distill`
+            timed("transfer_no_teachers_fitted", lambda: distill(backbone, data, fcfg, stage1, []))
+    if augment and todo("distill_augment"):
         aug_cfg = cfg.replace(transfer=cfg.transfer.replace(augment=augment))
         plain = type(data)(data.source, data.train, data.validation, data.test)  # its labelled rows only
         inputs = transfer_inputs(backbone, plain, aug_cfg)
@@ -142,7 +171,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for shots in sorted({r["shots"] for r in rows}):
         sub = [r for r in rows if r["shots"] == shots]
-        methods = [m for m in (*METHODS, "distill_augment") if all(m in r for r in sub)]
+        methods = [m for m in (*METHODS, *OPTIONAL) if all(m in r for r in sub)]
         cell: dict[str, Any] = {"runs": len(sub), "seeds": sorted({r["seed"] for r in sub})}
         stats = {}
         for m in methods:
@@ -172,7 +201,25 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if other in cell and "distill_transfer" in cell
         ]
         cell["time_saved"] = _time_saved(sub)
+        cell["partial"] = _partial(sub, methods)
         out[str(shots)] = cell
+    return out
+
+
+def _partial(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """Optional methods run on some of the runs only (e.g. --fitted-teacher on one seed): their mean test accuracy
+    (%) and, on the same runs, every method's."""
+    out = {}
+    for m in OPTIONAL:
+        some = [r for r in rows if m in r]
+        if m in methods or not some:
+            continue
+        out[m] = {
+            "runs": len(some),
+            "mean": statistics.mean(100 * r[m]["test_accuracy"] for r in some),
+            "seconds": statistics.mean(r[m]["train_seconds"] for r in some),
+            "same_runs": {x: statistics.mean(100 * r[x]["test_accuracy"] for r in some) for x in methods},
+        }
     return out
 
 
@@ -201,7 +248,8 @@ def markdown(report: dict[str, Any]) -> str:
         "per intent (labels removed) + the domain's 10 CLINC out-of-scope training queries. Stage 1 at most "
         f"{m['epochs']} epochs (patience {m['patience']}); fusion, stage 2 and self-training at most "
         f"{m['stage2_epochs']} epochs, patience {m['stage2_patience']}; transfer ratio {m['transfer']['ratio']}, at "
-        f"most {m['transfer']['max_per_epoch']} unlabelled rows per epoch; validation {m['val_per_label']} per "
+        f"most {m['transfer']['max_per_epoch']} unlabelled rows per epoch (rows `*_fitted`: distill.teacher = "
+        f"fitted, the others the default `joint`); validation {m['val_per_label']} per "
         "intent. Test accuracy % on the in-scope test queries.",
         "",
     ]
@@ -226,6 +274,10 @@ def markdown(report: dict[str, Any]) -> str:
         for t in cell["targets"]:
             verdict = "met" if t["met"] else "**not met**"
             lines.append(f"- vs {t['versus']}: {t['difference']:+.2f} (target ≥ +{t['margin']:.1f}): {verdict}")
+        for name, x in cell.get("partial", {}).items():
+            others = ", ".join(f"{k} {v:.2f}" for k, v in x["same_runs"].items())
+            lines.append(f"- {name}, on the {x['runs']} runs that have it: {x['mean']:.2f} ({x['seconds']:.1f} s); "
+                         f"the same runs: {others}")  # fmt: skip
         lines += ["", "Stage-2 seconds per run as run, and a lower bound under the old defaults (patience 10):", ""]
         for name, t in cell["time_saved"].items():
             lines.append(
@@ -233,7 +285,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"saved ≥ {t['old_defaults_at_least'] - t['seconds']:.1f} s)"
             )
         lines.append("")
-    methods = [x for x in (*METHODS, "distill_augment") if all(x in r for r in report["runs"])]
+    methods = [x for x in (*METHODS, *OPTIONAL) if all(x in r for r in report["runs"])]
     lines += [
         "Per run (test accuracy %):",
         "",
@@ -273,39 +325,27 @@ def chart(report: dict[str, Any], path: Path) -> None:
 def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: Path, out: Path) -> None:
     """The `--unlabeled N` mode of benchmarks/accuracy.py (its arguments, teachers and recipe)."""
     cfg = cfg.replace(transfer=TransferConfig(ratio=args.transfer_ratio, max_per_epoch=args.transfer_max))
-    cache_dir = workdir / "transfer"
-    rows = []
-    for shots in args.shots:
-        for seed in args.seeds:
-            for domain in args.tenants or clinc150.domains():
-                cache = cache_dir / "runs" / f"{domain}-k{shots}-s{seed}-n{args.unlabeled}.json"
-                if not cache.exists():
-                    t0 = time.perf_counter()
-                    peers = [loaded[d].as_teacher().adapters for d in clinc150.domains() if d != domain]
-                    row = run_one(
-                        backbone,
-                        domain,
-                        shots,
-                        seed,
-                        peers,
-                        cfg,
-                        args.val_per_label,
-                        args.unlabeled,
-                        cache_dir / "data",
-                        args.augment,
-                    )
-                    row["seconds"] = round(time.perf_counter() - t0, 1)
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    cache.write_text(json.dumps(row, indent=1))
-                    log.warning(
-                        "%s k=%d s=%d: %s (%.0fs)",
-                        domain,
-                        shots,
-                        seed,
-                        {m: round(100 * row[m]["test_accuracy"], 2) for m in METHODS},
-                        row["seconds"],
-                    )
-                rows.append(json.loads(cache.read_text()))
+    data_dir = workdir / "transfer" / "data"
+
+    def run(domain: str, shots: int, seed: int, peers: list, done: dict[str, Any] | None) -> dict[str, Any]:
+        return run_one(
+            backbone,
+            domain,
+            shots,
+            seed,
+            peers,
+            cfg,
+            args.val_per_label,
+            args.unlabeled,
+            data_dir,
+            args.augment,
+            args.fitted_teacher,
+            done,
+        )
+
+    wanted = [*METHODS, *(FITTED if args.fitted_teacher else ()), *(("distill_augment",) if args.augment else ())]
+    needs = lambda row: any(m not in row for m in wanted)  # noqa: E731
+    rows = cached_runs(args, workdir / "transfer" / "runs", f"-n{args.unlabeled}", loaded, METHODS, run, needs)
     meta = {
         "backbone": backbone.name,
         "machine": args.machine,

@@ -143,6 +143,20 @@ def test_onboard_to_s3_then_teachers_bad_tenant_and_skip(
     assert all(registry.versions(n) == [1] for n in first)
 
 
+def test_a_recipe_recorded_before_a_field_existed_is_the_same_recipe() -> None:
+    """A published tenant is skipped when its recorded recipe equals the job's: a field added since (at its default)
+    must not retrain every published tenant; a changed value, an unknown key or no recipe must."""
+    from adistill.config import RecipeConfig
+    from adistill.onboard_plan import _same_recipe
+
+    cfg = RecipeConfig()
+    older = cfg.to_dict()
+    del older["distill"]["teacher"], older["transfer"]  # recorded before these existed
+    assert _same_recipe(older, cfg) and _same_recipe(cfg.to_dict(), cfg)
+    assert not _same_recipe(older, cfg.replace(distill=cfg.distill.replace(teacher="fitted")))
+    assert not _same_recipe({**older, "stage9": {}}, cfg) and not _same_recipe(None, cfg)
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [

@@ -73,8 +73,8 @@ def test_distill_leaves_teachers_untouched_and_keeps_only_the_student(
 
 def test_stage2_trains_fusion_and_student(tiny: Backbone, tenants_dir: Path, teacher_dirs: list[Path]) -> None:
     """The paper's trainable set: Q, K, V, W_F and φ_N (with W_N) change; teachers do not."""
+    from adistill.recipes.baselines import teacher_fusion
     from adistill.recipes.stage1 import train_adapter
-    from adistill.recipes.stage2 import teacher_fusion
 
     data = read_tenant_data(str(tenants_dir / "new.parquet"))
     cfg = fast_config("distill", epochs=2)

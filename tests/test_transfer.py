@@ -267,6 +267,45 @@ def test_stage2_without_teachers_is_the_no_teacher_control(tiny: Backbone, with_
     assert fit.steps > 0 and student.method == "distill"
 
 
+def test_a_fitted_teacher_is_fitted_first_then_frozen_and_the_student_learns_from_it(
+    tiny: Backbone, with_unlabeled: Path
+) -> None:
+    """distill.teacher = fitted: the fusion is fitted alone on the labelled rows, then frozen; stage 2 trains the
+    student only, towards the fitted teacher's outputs on the unlabelled rows."""
+    from adistill.recipes.baselines import train_fusion
+    from adistill.recipes.evaluate import predict_probs
+
+    data = read_tenant_data(str(with_unlabeled))
+    cfg = fast_config("distill", epochs=3, distill=DistillConfig(teacher="fitted", alpha=0.0, beta=0.0))
+    stage1, _ = train_adapter(tiny, data, cfg)
+    adapters = [t.adapters for t in teachers_for(tiny)]
+    teacher, _ = train_fusion(tiny, data, cfg, stage1, adapters)
+    weights = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    def gap(model: object) -> float:  # KL(teacher ‖ model) on the unlabelled rows
+        p_t = predict_probs(tiny, teacher, data.unlabeled, cfg.max_length)
+        p_m = predict_probs(tiny, model, data.unlabeled, cfg.max_length)  # type: ignore[arg-type]
+        return float(F.kl_div(p_m.log(), p_t, reduction="batchmean"))
+
+    student, _ = distill(tiny, data, cfg, stage1, adapters, fitted_teacher=teacher)
+    assert all(torch.equal(v, weights[k]) for k, v in teacher.state_dict().items())  # never trained by stage 2
+    assert gap(student) < gap(stage1)  # KD only (alpha 0): closer to the teacher where it had no labels
+
+    events: list[dict[str, object]] = []
+    fitted_here, fit_here = distill(tiny, data, cfg, stage1, adapters, progress=events.append)
+    stages = [e["stage"] for e in events]
+    assert stages.index("fusion") < stages.index("stage2") and stages[-1] == "stage2"  # the teacher first
+    last = {e["stage"]: float(e["seconds"]) for e in events}  # type: ignore[arg-type]
+    assert fit_here.seconds >= last["fusion"] + last["stage2"]  # its seconds include fitting the teacher
+    assert fitted_here.method == "distill" and isinstance(fitted_here.adapters, type(stage1.adapters))
+    with pytest.raises(ConfigError, match=r"distill\.teacher must be one of"):
+        RecipeConfig.from_dict({"distill": {"teacher": "frozen"}})
+    space = space_from_dict({"params": {"distill.teacher": {"choice": ["joint", "fitted"]}}})
+    assert space.apply(RecipeConfig(), {"distill.teacher": "fitted"}).distill.teacher == "fitted"
+    with pytest.raises(ConfigError, match="a named setting takes"):
+        space_from_dict({"params": {"distill.teacher": {"uniform": [0, 1]}}})
+
+
 # -------------------------------------------------------------------------------------------------- augmentation
 
 

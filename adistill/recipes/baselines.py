@@ -1,4 +1,5 @@
-"""Baselines built from the same parts: `fusion` (AdapterFusion kept at inference) and `finetune`."""
+"""Baselines built from the same parts: `fusion` (AdapterFusion kept at inference) and `finetune`. The fusion over
+the teachers and the tenant's own adapter is also stage 2's teacher (`recipes/stage2.py`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,19 @@ from adistill.adapters import AdapterSet
 from adistill.backbone import Backbone
 from adistill.config import RecipeConfig
 from adistill.data import TenantData
+from adistill.fusion import FusionSet
 from adistill.heads import Head
 from adistill.model import Batch, TenantModel
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.loop import FitResult, Progress, fit
 from adistill.recipes.stage1 import encode_train
-from adistill.recipes.stage2 import teacher_fusion
+
+
+def teacher_fusion(backbone: Backbone, teachers: list[AdapterSet], own: AdapterSet, seed: int) -> FusionSet:
+    """A fusion over frozen copies of the teachers and of the tenant's own stage-1 adapter."""
+    members = [copy.deepcopy(a) for a in [*teachers, own]]
+    generator = torch.Generator().manual_seed(seed + 1)
+    return FusionSet(members, backbone.num_layers, backbone.hidden_size, generator).to(backbone.device)
 
 
 def _fit_ce(

@@ -8,7 +8,8 @@ student (φ_N, W_N) is returned: the fusion, W_F and the teachers are dropped, s
 
 With a transfer set (`recipes/transfer.py`) a batch also holds unlabelled rows: they get only the teacher→student
 terms, so the teacher path runs on them without gradient (the fusion learns from labelled rows only) unless
-`distill.detach_teacher` is off.
+`distill.detach_teacher` is off. With `distill.teacher` = `fitted` the fusion is trained first, alone, then frozen:
+stage 2 then trains only φ_N and W_N.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from adistill.backbone import Backbone
 from adistill.config import RecipeConfig
 from adistill.data import TenantData
 from adistill.encoder import Route, encode
-from adistill.fusion import FusionSet
 from adistill.losses import UNLABELED, distillation_loss
 from adistill.model import Batch, TenantModel
+from adistill.recipes.baselines import teacher_fusion, train_fusion
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.loop import FitResult, Progress, fit
 from adistill.recipes.transfer import TransferInputs, TransferSet, transfer_inputs
@@ -44,13 +45,6 @@ class _Recorder:
         return y
 
 
-def teacher_fusion(backbone: Backbone, teachers: list[AdapterSet], own: AdapterSet, seed: int) -> FusionSet:
-    """A fusion over frozen copies of the teachers and of the tenant's own stage-1 adapter."""
-    members = [copy.deepcopy(a) for a in [*teachers, own]]
-    generator = torch.Generator().manual_seed(seed + 1)
-    return FusionSet(members, backbone.num_layers, backbone.hidden_size, generator).to(backbone.device)
-
-
 def distill(
     backbone: Backbone,
     data: TenantData,
@@ -59,13 +53,25 @@ def distill(
     teachers: list[AdapterSet],
     progress: Progress | None = None,
     transfer: TransferInputs | None = None,
+    fitted_teacher: TenantModel | None = None,
 ) -> tuple[TenantModel, FitResult]:
     """Stage 2 from `stage1` over `teachers` (none: the fusion holds only the tenant's own adapter). `transfer`: the
-    unlabelled inputs (default: `transfer_inputs(backbone, data, cfg)`, the tenant's unlabelled queries)."""
+    unlabelled inputs (default: `transfer_inputs(backbone, data, cfg)`, the tenant's unlabelled queries).
+
+    With `distill.teacher` = `fitted` the fusion is fitted first (`train_fusion`; or `fitted_teacher`, such a fusion
+    already fitted on the same rows) and frozen; the returned fit's seconds then include fitting it."""
     assert isinstance(stage1.adapters, AdapterSet)
-    teacher = TenantModel(
-        "fusion", copy.deepcopy(stage1.head), teacher_fusion(backbone, teachers, stage1.adapters, cfg.seed)
-    )
+    fitted = cfg.distill.teacher == "fitted"
+    fit_seconds = 0.0
+    if fitted and fitted_teacher is None:
+        fitted_teacher, teacher_fit = train_fusion(backbone, data, cfg, stage1, teachers, progress)
+        fit_seconds = teacher_fit.seconds
+    if fitted:
+        assert fitted_teacher is not None
+        teacher = copy.deepcopy(fitted_teacher).requires_grad_(False)
+    else:
+        fusion = teacher_fusion(backbone, teachers, stage1.adapters, cfg.seed)
+        teacher = TenantModel("fusion", copy.deepcopy(stage1.head), fusion)
     student = TenantModel("distill", copy.deepcopy(stage1.head), copy.deepcopy(stage1.adapters))
     sites = cfg.adapter.sites
     transfer = transfer if transfer is not None else transfer_inputs(backbone, data, cfg)
@@ -81,7 +87,10 @@ def distill(
             order = torch.cat([labelled.nonzero()[:, 0], (~labelled).nonzero()[:, 0]])
             batch = Batch(batch.input_ids[order], batch.attention_mask[order], batch.labels[order])
         ids, mask = batch.input_ids, batch.attention_mask
-        if n == len(labelled) or not cfg.distill.detach_teacher:
+        if fitted:  # a frozen teacher: targets only
+            with torch.no_grad():
+                z_t, h_t = teacher_path(ids, mask)
+        elif n == len(labelled) or not cfg.distill.detach_teacher:
             z_t, h_t = teacher_path(ids, mask)
         else:  # unlabelled rows only give the teacher's targets: no gradient, no activations kept for them
             z_t, h_t = teacher_path(ids[:n], mask[:n])
@@ -94,7 +103,7 @@ def distill(
 
     result = fit(
         "stage2",
-        nn.ModuleDict({"student": student, "teacher": teacher}),
+        student if fitted else nn.ModuleDict({"student": student, "teacher": teacher}),
         step,
         lambda: accuracy(backbone, student, data.validation, cfg.max_length),
         TransferSet(
@@ -104,6 +113,7 @@ def distill(
         cfg.seed,
         progress,
     )
+    result.seconds += fit_seconds
     return student, result
 
 
