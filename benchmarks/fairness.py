@@ -39,6 +39,7 @@ import httpx
 from serving import backbone_spec, free_port, pct, tenant_files
 
 from adistill.backbone import load_backbone
+from adistill.inference.gc_pauses import freeze_startup_heap
 from adistill.store.keys import create_key
 from adistill.store.registry import Registry
 
@@ -141,6 +142,8 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": 1, **({"num_gpus": args.num_gpus} if args.num_gpus else {})},
         "quota": quota,
         "tenant_quotas": {"flood": flood_quota} if flood_quota else None,
+        "gc_freeze": not args.no_gc_freeze,
+        "switch_interval_s": args.switch_interval_s,
     }
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
@@ -155,6 +158,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quiet_key: str) -> dict[str, Any]:
     """The three phases against a running service."""
     admin_headers = {"authorization": f"Bearer {admin}"}
+    freeze_startup_heap()  # the quiet client's own full collections (torch and Ray loaded here) stay out of its clock
     quiet_phase(url, quiet_key, 10)  # warm: both tenants loaded, connections open
     with httpx.Client(base_url=url, timeout=60, headers={"authorization": f"Bearer {flood_key}"}) as c:
         c.post("/v1/tenants/flood/predict", json={"texts": [FLOOD_TEXT]})
@@ -214,6 +218,7 @@ def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quie
             else None,
             "max_waiting_rows": after["queue"]["max_waiting_rows"],
             "refused": after["http"]["refused"]["by_tenant"],
+            "replica_gc": _gc_during(before, after),
         },
     }
     q_alone, q_flood = report["quiet_alone"], report["quiet_under_flood"]
@@ -226,6 +231,23 @@ def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quie
         "met": bool(p99_ratio is not None and p99_ratio <= 2.0),
     }
     return report
+
+
+def _gc_during(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The replica's collections during the flood, per generation: how many and their total pause; the longest pause
+    since the replica started (cumulative in /metrics, so not per phase)."""
+    b, a = before["gc"]["generations"], after["gc"]["generations"]
+    return {
+        "frozen_objects": after["gc"]["frozen_objects"],
+        **{
+            f"gen{g}": {
+                "collections": a[g]["collections"] - b[g]["collections"],
+                "total_ms": round(a[g]["total_ms"] - b[g]["total_ms"], 1),
+                "max_ms_since_start": a[g]["max_ms"],
+            }
+            for g in ("0", "1", "2")
+        },
+    }
 
 
 def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
@@ -265,6 +287,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"{d['mean_batch_tenants']} tenants per batch, {d['forward_ms_per_batch']} ms per forward, at most "
         f"{d['max_waiting_rows']} rows waiting; refused per tenant {json.dumps(d['refused'])}.",
         "",
+        f"Replica garbage collector ({'start-up heap frozen' if s.get('gc_freeze', False) else 'nothing frozen'}: "
+        f"{d['replica_gc']['frozen_objects']} objects): "
+        + "; ".join(
+            f"generation {g[-1]}: {v['collections']} collections during the flood, {v['total_ms']} ms in all, "
+            f"longest since start {v['max_ms_since_start']} ms"
+            for g, v in d["replica_gc"].items()
+            if g.startswith("gen")
+        )
+        + ".",
+        "",
         "| target | p99 ratio | p50 ratio | met |",
         "|---|---:|---:|---|",
         f"| {t['target']} | {t['p99_ratio']} | {t['p50_ratio']} | {'yes' if t['met'] else 'no'} |",
@@ -286,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-quotas", action="store_true", help="no per-tenant limits: the fair batch queue alone")
     p.add_argument("--flood-requests-per-s", type=float, default=None, help="the flooding tenant's own quota")
     p.add_argument("--flood-rows-in-flight", type=int, default=None, help="the flooding tenant's own quota")
+    p.add_argument("--no-gc-freeze", action="store_true", help="the control: the replica's start-up heap not frozen")
+    p.add_argument("--switch-interval-s", type=float, default=None, help="the replica's GIL switch interval")
     p.add_argument("--json", default="benchmarks/results/fairness.json", help="JSON out; .md beside it")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny encoder, 30 requests per phase")
     p.add_argument(
@@ -313,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("flood_requests_per_s", "flood_rows_in_flight", "flood_ignores_retry_after", "flood_warmup_s", "quick")
         + ("http_proxy",)
     }
+    report["settings"]["gc_freeze"] = not args.no_gc_freeze
+    report["settings"]["switch_interval_s"] = args.switch_interval_s
     report["machine"] = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),

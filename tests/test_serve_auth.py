@@ -206,6 +206,9 @@ def test_a_tenant_over_its_rate_gets_429_while_another_tenant_keeps_succeeding(s
     metrics = service.call("GET", "/metrics", service.admin).json()
     assert metrics["http"]["refused"]["by_tenant"]["limited"]["429"] >= len(refused)
     assert "rows_in_flight" in metrics["http"] and metrics["queue"]["max_waiting_rows"] >= 1
+    # the replica froze its start-up heap (Ray, FastAPI, torch, the encoder) and times its collections
+    assert metrics["gc"]["frozen_objects"] > 10_000, metrics["gc"]
+    assert set(metrics["gc"]["generations"]) == {"0", "1", "2"}
 
 
 def test_the_batch_endpoint_checks_every_rows_tenant_against_the_key(service: Service) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 from fastapi import Request
@@ -37,6 +38,7 @@ from adistill.distributed.serve_http import (
 from adistill.errors import AdistillError, InvalidTenantId, TenantNotFound
 from adistill.inference.auth import ANYONE, Authenticator, Principal
 from adistill.inference.encoder_service import EncoderService, Refused
+from adistill.inference.gc_pauses import GcPauses, freeze_startup_heap
 from adistill.inference.quotas import QuotaLimiter, Refusal, RefusalCounter, Ticket
 from adistill.inference.serve_config import ServeConfig
 from adistill.tenant_id import TENANT_ID_PATTERN, validate_tenant_id
@@ -75,6 +77,11 @@ class EncoderGroup:
         else:
             log.warning("auth is off: anyone who reaches this service may call every tenant")
         api.state.group = self
+        if config.switch_interval_s is not None:
+            sys.setswitchinterval(config.switch_interval_s)
+        if config.gc_freeze:
+            freeze_startup_heap()  # last: everything loaded above is start-up heap
+        self.gc = GcPauses().start()  # after the freeze's own collection: /metrics times the serving ones
 
     # -- the front door (called by serve_http.FrontDoor before routing) ----------------------------------------
 
@@ -267,6 +274,7 @@ class EncoderGroup:
         return {
             "replica": self.replica_id(),
             **self.encoder.metrics(),
+            "gc": self.gc.snapshot(),
             "http": {
                 "auth": self.config.auth,
                 **self.auth.metrics(),
