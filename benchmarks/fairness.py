@@ -20,22 +20,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing as mp
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import httpx
+from loadgen import ProcessCpu, encode, read_response
 from serving import backbone_spec, free_port, pct, tenant_files
 
 from adistill.backbone import load_backbone
@@ -49,34 +53,50 @@ FLOOD_TEXT = "please tell me the balance of my savings account today"
 
 
 def flood(url: str, key: str, clients: int, texts: int, honor_retry: bool, started: Any, stop: Any, out: Any) -> None:
-    """The flooding tenant (a separate process, so its clients do not share the quiet client's event loop)."""
+    """The flooding tenant: a separate process, so its clients do not share the quiet client's event loop, and the
+    lean client of benchmarks/loadgen.py (keep-alive asyncio streams, the request encoded once): httpx would spend
+    about as much CPU per request as the service's own path, on the same cores as the encoder, and the quiet tenant
+    would measure the benchmark's client rather than the service."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    request = encode(
+        "POST",
+        "/v1/tenants/flood/predict",
+        f"{host}:{port}",
+        {"texts": [FLOOD_TEXT] * texts},
+        {"Authorization": f"Bearer {key}"},
+    )
 
     async def main() -> dict[str, Any]:
         counts: dict[str, int] = {}
         latencies: list[float] = []
-        headers = {"authorization": f"Bearer {key}"}
-        body = {"texts": [FLOOD_TEXT] * texts}
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client:
 
-            async def one_client() -> None:
-                while not stop.is_set():
-                    start = time.perf_counter()
-                    try:
-                        r = await client.post("/v1/tenants/flood/predict", json=body)
-                    except httpx.HTTPError as exc:
-                        counts[type(exc).__name__] = counts.get(type(exc).__name__, 0) + 1
-                        continue
-                    counts[str(r.status_code)] = counts.get(str(r.status_code), 0) + 1
-                    started.set()  # the flood is on: the parent starts its warm-up clock
-                    if r.status_code == 200:
-                        latencies.append(time.perf_counter() - start)
-                    elif r.status_code == 429 and honor_retry:
-                        await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+        async def one_client() -> None:
+            conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    if conn is None:
+                        conn = await asyncio.open_connection(host, port)
+                    conn[1].write(request)
+                    status, head, _ = await read_response(conn[0])
+                except (OSError, asyncio.IncompleteReadError) as exc:  # closed by the server: count, reconnect
+                    counts[type(exc).__name__] = counts.get(type(exc).__name__, 0) + 1
+                    conn = None
+                    continue
+                counts[str(status)] = counts.get(str(status), 0) + 1
+                started.set()  # the flood is on: the parent starts its warm-up clock
+                if status == 200:
+                    latencies.append(time.perf_counter() - start)
+                elif status == 429 and honor_retry:
+                    retry = re.search(rb"(?i)\r\nretry-after:\s*(\d+)", head)
+                    await asyncio.sleep(float(retry.group(1)) if retry else 1.0)
+            if conn is not None:
+                conn[1].close()
 
-            start = time.perf_counter()
-            await asyncio.gather(*(one_client() for _ in range(clients)))
-            wall = time.perf_counter() - start
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        wall = time.perf_counter() - start
         ok = sorted(latencies)
         return {
             "statuses": counts,
@@ -130,7 +150,11 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     quota = {"requests_per_s": None, "rows_in_flight": None} if args.no_quotas else None
     flood_quota = {
         k: v
-        for k, v in (("requests_per_s", args.flood_requests_per_s), ("rows_in_flight", args.flood_rows_in_flight))
+        for k, v in (
+            ("requests_per_s", args.flood_requests_per_s),
+            ("burst", args.flood_burst),
+            ("rows_in_flight", args.flood_rows_in_flight),
+        )
         if v is not None
     }
     app_args: dict[str, Any] = {
@@ -142,17 +166,39 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": 1, **({"num_gpus": args.num_gpus} if args.num_gpus else {})},
         "quota": quota,
         "tenant_quotas": {"flood": flood_quota} if flood_quota else None,
-        "gc_freeze": not args.no_gc_freeze,
-        "switch_interval_s": args.switch_interval_s,
     }
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with serving(ServeConfig.from_dict(app_args), "127.0.0.1", free_port()) as url:
+            pinned = pin_replica() if args.pin_replica else None
             report = measure(args, url, admin, flood_key, quiet_key)
+            report["pinned"] = pinned
     finally:
         ray.shutdown()
     report["backbone"] = backbone.name
     return report
+
+
+def pin_replica() -> dict[str, Any]:
+    """Every thread of the encoder replica on the last CPU, every other process of the run (this driver and its
+    quiet client, Ray's processes, HAProxy, the HTTP proxy; the flood process, started later, inherits the driver's)
+    on the others: a service whose clients do not run on its cores, as in production, on a machine too small to
+    give them machines of their own."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin-replica needs at least 2 CPUs")
+    replica_cpus, other_cpus = {cpus[-1]}, set(cpus[:-1])
+    pinned: dict[str, list[str]] = {"replica": [], "others": []}
+    processes = {**ProcessCpu().snapshot(), str(os.getpid()): ("driver", 0.0)}
+    for pid, (name, _) in processes.items():
+        side = "replica" if name.startswith("replica:") else "others"
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(tid), replica_cpus if side == "replica" else other_cpus)
+        pinned[side].append(name)
+    if not pinned["replica"]:
+        raise RuntimeError("no encoder replica process found to pin")
+    return {"replica_cpus": sorted(replica_cpus), "other_cpus": sorted(other_cpus), **pinned}
 
 
 def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quiet_key: str) -> dict[str, Any]:
@@ -262,15 +308,21 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['backbone']}, batch {s['batch']}, device {s['device']}, {s['requests']} quiet requests per phase, "
         f"quotas {'off' if s['no_quotas'] else 'default (ServeConfig)'}"
         + (
-            f", the flooding tenant's own: {s['flood_requests_per_s']} requests/s, "
+            f", the flooding tenant's own: {s['flood_requests_per_s']} requests/s, burst {s.get('flood_burst')}, "
             f"{s['flood_rows_in_flight']} rows in flight"
-            if s["flood_requests_per_s"] is not None or s["flood_rows_in_flight"] is not None
+            if any(s.get(k) is not None for k in ("flood_requests_per_s", "flood_burst", "flood_rows_in_flight"))
             else ""
         )
         + ", flood clients "
         f"{'ignore' if s['flood_ignores_retry_after'] else 'honour'} Retry-After, HTTP front "
         f"{s.get('http_proxy', 'ray')}. {m['cpu']} ({m['cores']} cores), "
-        f"{report['date']}; client, proxy and encoder replica share the machine.",
+        f"{report['date']}; "
+        + (
+            f"the encoder replica pinned to CPU {report['pinned']['replica_cpus']}, the clients, Ray and the HTTP "
+            f"front to CPUs {report['pinned']['other_cpus']} (`--pin-replica`)."
+            if report.get("pinned")
+            else "clients, HTTP front and encoder replica share the machine's cores."
+        ),
         "",
         "| quiet tenant | requests | p50 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|",
@@ -287,8 +339,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{d['mean_batch_tenants']} tenants per batch, {d['forward_ms_per_batch']} ms per forward, at most "
         f"{d['max_waiting_rows']} rows waiting; refused per tenant {json.dumps(d['refused'])}.",
         "",
-        f"Replica garbage collector ({'start-up heap frozen' if s.get('gc_freeze', False) else 'nothing frozen'}: "
-        f"{d['replica_gc']['frozen_objects']} objects): "
+        f"Replica garbage collector ({d['replica_gc']['frozen_objects']} start-up objects frozen by Serve): "
         + "; ".join(
             f"generation {g[-1]}: {v['collections']} collections during the flood, {v['total_ms']} ms in all, "
             f"longest since start {v['max_ms_since_start']} ms"
@@ -317,9 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood-ignores-retry-after", action="store_true", help="flood clients retry 429s at once")
     p.add_argument("--no-quotas", action="store_true", help="no per-tenant limits: the fair batch queue alone")
     p.add_argument("--flood-requests-per-s", type=float, default=None, help="the flooding tenant's own quota")
+    p.add_argument(
+        "--pin-replica",
+        action="store_true",
+        help="the encoder replica on the last CPU, the clients, Ray and the HTTP front on the others",
+    )
+    p.add_argument("--flood-burst", type=int, default=None, help="the flooding tenant's own token-bucket burst")
     p.add_argument("--flood-rows-in-flight", type=int, default=None, help="the flooding tenant's own quota")
-    p.add_argument("--no-gc-freeze", action="store_true", help="the control: the replica's start-up heap not frozen")
-    p.add_argument("--switch-interval-s", type=float, default=None, help="the replica's GIL switch interval")
     p.add_argument("--json", default="benchmarks/results/fairness.json", help="JSON out; .md beside it")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny encoder, 30 requests per phase")
     p.add_argument(
@@ -344,11 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     report["settings"] = {
         k: getattr(args, k)
         for k in ("batch", "device", "num_gpus", "requests", "flood_clients", "flood_texts", "no_quotas")
-        + ("flood_requests_per_s", "flood_rows_in_flight", "flood_ignores_retry_after", "flood_warmup_s", "quick")
+        + ("flood_requests_per_s", "flood_burst", "flood_rows_in_flight", "flood_ignores_retry_after")
+        + ("flood_warmup_s", "quick", "pin_replica")
         + ("http_proxy",)
     }
-    report["settings"]["gc_freeze"] = not args.no_gc_freeze
-    report["settings"]["switch_interval_s"] = args.switch_interval_s
     report["machine"] = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),

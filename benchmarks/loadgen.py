@@ -56,14 +56,15 @@ class Result:
         return [x for v in self.latencies.values() for x in v]
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
+    """One response off a keep-alive connection: status, head (status line and headers) and body."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
     if match is None:  # not produced by uvicorn/haproxy for these routes
         raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
     body = await reader.readexactly(int(match.group(1)))
-    return status, body
+    return status, head, body
 
 
 async def _client(
@@ -82,7 +83,7 @@ async def _client(
             start = time.perf_counter()
             writer.write(request.data)
             result.sent += 1
-            status, body = await _read_response(reader)
+            status, _, body = await read_response(reader)
             result.latencies[request.tag].append(time.perf_counter() - start)
             result.statuses[status] += 1
             if check is not None:

@@ -62,7 +62,7 @@ def service(
 ) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("auth-registry")
     registry = Registry(str(root))
-    for i, t in enumerate(("a", "b", "limited")):
+    for i, t in enumerate(("a", "b", "limited", "slow")):
         registry.publish(t, tenant_files(tiny, t, seed=i))
     svc = Service(registry, KeyStore.for_registry(registry.uri))  # keys exist before the app starts
     settings = {
@@ -71,7 +71,7 @@ def service(
         "poll_interval_s": POLL_S,
         "max_batch_size": 8,
         "ray_actor_options": {"num_cpus": 0.5},
-        "tenant_quotas": {"limited": {"requests_per_s": 1, "burst": 2}},
+        "tenant_quotas": {"limited": {"requests_per_s": 1, "burst": 2}, "slow": {"requests_per_s": 0.01, "burst": 1}},
     }
     with serve_app(settings, "adistill-auth-test") as url:
         svc.url, svc.http.base_url = url, httpx.URL(url)
@@ -206,9 +206,20 @@ def test_a_tenant_over_its_rate_gets_429_while_another_tenant_keeps_succeeding(s
     metrics = service.call("GET", "/metrics", service.admin).json()
     assert metrics["http"]["refused"]["by_tenant"]["limited"]["429"] >= len(refused)
     assert "rows_in_flight" in metrics["http"] and metrics["queue"]["max_waiting_rows"] >= 1
-    # the replica froze its start-up heap (Ray, FastAPI, torch, the encoder) and times its collections
+    # Serve froze the replica's start-up heap (Ray, FastAPI, torch, the encoder); the replica times its collections
     assert metrics["gc"]["frozen_objects"] > 10_000, metrics["gc"]
     assert set(metrics["gc"]["generations"]) == {"0", "1", "2"}
+
+
+def test_a_tenant_at_its_limit_is_refused_before_its_body_is_read(service: Service) -> None:
+    assert service.call("POST", "/v1/tenants/slow/predict", service.admin, content=b"{not json").status_code == 422
+    assert service.predict("slow", service.admin).status_code == 200  # its one token (a 422 took none)
+    for body in (b"{not json", b'{"texts": []}', json.dumps(TEXT).encode()):  # refused before parsing: 429 for all
+        r = service.call("POST", "/v1/tenants/slow/predict", service.admin, content=body)
+        assert is_error(r, 429) and "requests/s" in r.json()["error"] and int(r.headers["retry-after"]) >= 90, r.text
+    assert service.predict("a", service.key_a).status_code == 200
+    metrics = service.call("GET", "/metrics", service.admin).json()
+    assert metrics["http"]["refused"]["by_tenant"]["slow"]["429"] == 3
 
 
 def test_the_batch_endpoint_checks_every_rows_tenant_against_the_key(service: Service) -> None:

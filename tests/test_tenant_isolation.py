@@ -141,6 +141,25 @@ def test_rows_in_flight_and_release() -> None:
     assert limiter.in_flight() == {"a": 4}
 
 
+def test_precheck_refuses_like_admit_and_takes_nothing() -> None:
+    clock = Clock()
+    limiter = QuotaLimiter(Quota(requests_per_s=2, burst=2, rows_in_flight=3), clock=clock)
+    assert limiter.precheck("a") is None and limiter.precheck("../x") is None  # unknown: no bucket is made
+    assert limiter._buckets == {}
+    first = limiter.admit("a", 3)  # three rows in flight: at the limit
+    assert isinstance(first, Ticket)
+    over = limiter.precheck("a")
+    assert isinstance(over, Refusal) and "in flight" in over.reason
+    assert limiter.precheck("b") is None  # another tenant is not affected
+    first.release()
+    assert limiter.precheck("a") is None and limiter.precheck("a") is None  # it took no token: one is still left
+    assert isinstance(limiter.admit("a", 1), Ticket)
+    rate = limiter.precheck("a")  # both tokens spent
+    assert isinstance(rate, Refusal) and rate.retry_after_s == 1 and "2 requests/s" in rate.reason
+    clock.now += 0.5
+    assert limiter.precheck("a") is None and isinstance(limiter.admit("a", 1), Ticket)
+
+
 def test_overrides_and_share_over_ingress_replicas() -> None:
     clock = Clock()
     limiter = QuotaLimiter(

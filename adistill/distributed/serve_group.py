@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 from fastapi import Request
@@ -38,7 +37,7 @@ from adistill.distributed.serve_http import (
 from adistill.errors import AdistillError, InvalidTenantId, TenantNotFound
 from adistill.inference.auth import ANYONE, Authenticator, Principal
 from adistill.inference.encoder_service import EncoderService, Refused
-from adistill.inference.gc_pauses import GcPauses, freeze_startup_heap
+from adistill.inference.gc_pauses import GcPauses
 from adistill.inference.quotas import QuotaLimiter, Refusal, RefusalCounter, Ticket
 from adistill.inference.serve_config import ServeConfig
 from adistill.tenant_id import TENANT_ID_PATTERN, validate_tenant_id
@@ -77,11 +76,7 @@ class EncoderGroup:
         else:
             log.warning("auth is off: anyone who reaches this service may call every tenant")
         api.state.group = self
-        if config.switch_interval_s is not None:
-            sys.setswitchinterval(config.switch_interval_s)
-        if config.gc_freeze:
-            freeze_startup_heap()  # last: everything loaded above is start-up heap
-        self.gc = GcPauses().start()  # after the freeze's own collection: /metrics times the serving ones
+        self.gc = GcPauses().start()  # /metrics: the collector's pauses (Serve freezes the start-up heap after this)
 
     # -- the front door (called by serve_http.FrontDoor before routing) ----------------------------------------
 
@@ -97,6 +92,11 @@ class EncoderGroup:
         if need == "tenant" and tenant is not None and not principal.may_call(tenant):
             return self.refuse(403, f"this key may not call tenant {tenant!r}", tenant)
         return principal
+
+    def over_quota(self, tenant: str) -> JSONResponse | None:
+        """The front door's 429 (counted) for a tenant already at its limit, before the request's body is read."""
+        refusal = self.limiter.precheck(tenant)
+        return None if refusal is None else self.refuse(429, refusal.reason, tenant, refusal.retry_after_s)
 
     async def authenticate(self, authorization: str | None) -> Principal | None:
         self._start_key_poll()

@@ -8,7 +8,9 @@ routing and before the body is read):
    `/metrics`); `POST /v1/predict` takes any valid key and checks each row's tenant; `/healthz`, `/docs` and
    `/openapi.json` are open;
 2. a predict body without a JSON content type (curl's `-d` default, or none) is read as JSON;
-3. 413 for a Content-Length over `max_body_bytes`.
+3. 429 for a tenant's predict while the tenant is at its quota (`QuotaLimiter.precheck`: no token left, or its rows in
+   flight at the limit), so refusing a flooding client costs no body read, parsing or routing;
+4. 413 for a Content-Length over `max_body_bytes`.
 Every error is JSON `{"error": ...}`; keys are never logged or echoed. Every response carries Serve's `X-Request-Id`
 (the client's own, else a new UUID), is counted in the Prometheus metrics (requests by endpoint
 and status, latency) and logged as one JSON line (adistill.inference.request_log: DEBUG, WARNING for a 5xx).
@@ -228,6 +230,11 @@ class FrontDoor:
                 await principal(scope, receive, send)
                 return
             scope["state"]["principal"] = principal  # request.state.principal in the routes
+            if need[0] == "tenant" and need[1] is not None and scope["method"] == "POST":
+                over = group.over_quota(need[1])  # 429 before the body is read: a flood's refusals stay cheap
+                if over is not None:
+                    await over(scope, receive, send)
+                    return
         if scope["method"] == "POST" and path.endswith("/predict"):
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             if not _JSON_TYPE.match(content_type) and not content_type.lower().startswith("multipart/"):

@@ -1,11 +1,11 @@
-"""Garbage-collector pauses of a serving process: the start-up heap frozen, and every collection timed.
+"""Garbage-collector pauses of a serving process: every collection timed, and the start-up heap frozen.
 
-Once Ray, FastAPI, torch and the encoder are loaded, a serving replica holds about half a million long-lived Python
-objects. A full (generation 2) collection walks all of them with the event loop stopped (0.10-0.13 s measured on
-the 2-core benchmark machine), and every request in flight waits that long: the tail of a quiet tenant's latency
-under another tenant's flood (benchmarks/results/fairness.md). `freeze_startup_heap()` (`gc.freeze()` after start-up,
-as Instagram's and gunicorn's pre-fork servers do) moves them to a permanent generation that collections skip; the
-objects of requests are collected as before. `GcPauses` times every collection through `gc.callbacks`, for /metrics.
+Once Ray, FastAPI, torch and the encoder are loaded, a serving process holds about half a million long-lived Python
+objects, and a full (generation 2) collection that walks them stops every request in flight for 0.1-0.17 s (measured
+on the 2-core benchmark machine). Ray Serve already collects and freezes (`gc.freeze()`) a replica's heap once its
+constructor has run (`RAY_SERVE_FREEZE_GC_ON_STARTUP`, on by default), so serving collections skip it: `GcPauses`
+times every collection through `gc.callbacks` so /metrics shows that they stay short. `freeze_startup_heap()` does the
+same freeze for processes Serve does not start (the benchmarks' clients).
 
 Plain Python: no Ray.
 """

@@ -3,8 +3,9 @@ flight, plus the counters of refused requests (401/403/429) per tenant that `/me
 
 - `Quota`: the limits of one tenant (`ServeConfig.quota` for everyone, `ServeConfig.tenant_quotas` per tenant).
 - `QuotaLimiter.admit(tenant, rows)`: a `Ticket` (release it when the answer is back) or a `Refusal` with the
-  seconds after which a retry may succeed (the `Retry-After` header). A tenant's limits are split evenly over
-  the serving replicas (`share`), since the HTTP proxy spreads requests over them.
+  seconds after which a retry may succeed (the `Retry-After` header); `precheck(tenant)` the refusal any request
+  would get now, taking nothing (the front door's cheap 429 before a body is read). A tenant's limits are split
+  evenly over the serving replicas (`share`), since the HTTP proxy spreads requests over them.
 - `RefusalCounter`: counts per tenant and status, bounded in tenants, and logs one summary line at most every
   `log_every_s` seconds (never a key: the caller passes a tenant id and a status).
 
@@ -120,7 +121,6 @@ class QuotaLimiter:
     def admit(self, tenant: str, rows: int) -> Ticket | Refusal:
         """Take one request token and `rows` rows in flight for `tenant`, or say why not and when to retry."""
         q = self.quota(tenant)
-        rate, capacity, rows_limit = self._rate(q), self._capacity(q), self._rows_limit(q)
         now = self._clock()
         with self._lock:
             self._calls += 1
@@ -128,19 +128,37 @@ class QuotaLimiter:
                 self._prune(now)
             b = self._buckets.get(tenant)
             if b is None:
-                b = self._buckets[tenant] = _Bucket(capacity, now)
-            if rate is not None:
-                b.tokens = min(capacity, b.tokens + (now - b.at) * rate)
-            b.at = now
-            if rows_limit is not None and b.rows > 0 and b.rows + rows > rows_limit:
-                return Refusal(f"tenant {tenant!r} has {b.rows} texts in flight (limit {q.rows_in_flight})", 1)
-            if rate is not None and b.tokens < 1.0:
-                wait = (1.0 - b.tokens) / rate
-                return Refusal(f"tenant {tenant!r} is over {q.requests_per_s:g} requests/s", max(1, math.ceil(wait)))
-            if rate is not None:
+                b = self._buckets[tenant] = _Bucket(self._capacity(q), now)
+            refusal = self._refusal(tenant, q, b, rows, now)
+            if refusal is not None:
+                return refusal
+            if self._rate(q) is not None:
                 b.tokens -= 1.0
             b.rows += rows
         return Ticket(self, tenant, rows)
+
+    def precheck(self, tenant: str) -> Refusal | None:
+        """The refusal any request of `tenant` would get now (no token left, or its rows in flight at the limit),
+        taking nothing: lets the HTTP front door answer 429 before the body is read and parsed, so a client
+        hammering past its limit costs the replica little. `admit` still decides for the requests it lets through."""
+        q = self.quota(tenant)
+        now = self._clock()
+        with self._lock:
+            b = self._buckets.get(tenant)  # no bucket: nothing in flight, a full bucket (and none made for a stranger)
+            return None if b is None else self._refusal(tenant, q, b, 1, now)
+
+    def _refusal(self, tenant: str, q: Quota, b: _Bucket, rows: int, now: float) -> Refusal | None:
+        """Refill `b` to `now`; the refusal for a request of `rows` rows, if any (called under the lock)."""
+        rate, rows_limit = self._rate(q), self._rows_limit(q)
+        if rate is not None:
+            b.tokens = min(self._capacity(q), b.tokens + (now - b.at) * rate)
+        b.at = now
+        if rows_limit is not None and b.rows > 0 and b.rows + rows > rows_limit:
+            return Refusal(f"tenant {tenant!r} has {b.rows} texts in flight (limit {q.rows_in_flight})", 1)
+        if rate is not None and b.tokens < 1.0:
+            wait = (1.0 - b.tokens) / rate
+            return Refusal(f"tenant {tenant!r} is over {q.requests_per_s:g} requests/s", max(1, math.ceil(wait)))
+        return None
 
     def _release(self, tenant: str, rows: int) -> None:
         with self._lock:

@@ -33,8 +33,6 @@ class ServeConfig(Config):
     bank_bytes: int | None = None  # optional cap on each bank's device bytes (fewer slots if smaller)
     poll_interval_s: float = 5.0  # how often cached tenants' registry pointers are read
     load_workers: int = 4  # threads loading artifacts off the event loop
-    gc_freeze: bool = True  # exclude the start-up heap from garbage collections (adistill.inference.gc_pauses)
-    switch_interval_s: float | None = None  # the replica's GIL switch interval (sys.setswitchinterval); None: Python's
     max_texts: int = 64  # texts per request, else 413
     max_body_bytes: int = 256 * 1024  # request body, else 413
     max_top_k: int = 20  # top_k in [1, max_top_k], else 422
@@ -68,10 +66,6 @@ class ServeConfig(Config):
             f"max_ongoing_requests must be >= max_batch_size ({self.max_batch_size}), got {self.max_ongoing_requests}",
         )
         at_least(self, 0, "batch_wait_timeout_s")
-        require(
-            self.switch_interval_s is None or 0 < self.switch_interval_s <= 1,
-            f"switch_interval_s must be in (0, 1] seconds or null, got {self.switch_interval_s!r}",
-        )
         require(self.poll_interval_s > 0, f"poll_interval_s must be > 0, got {self.poll_interval_s!r}")
         require(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
