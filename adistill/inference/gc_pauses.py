@@ -1,11 +1,12 @@
 """Garbage-collector pauses of a serving process: every collection timed, and the start-up heap frozen.
 
 Once Ray, FastAPI, torch and the encoder are loaded, a serving process holds about half a million long-lived Python
-objects, and a full (generation 2) collection that walks them stops every request in flight for 0.1-0.17 s (measured
-on the 2-core benchmark machine). Ray Serve already collects and freezes (`gc.freeze()`) a replica's heap once its
-constructor has run (`RAY_SERVE_FREEZE_GC_ON_STARTUP`, on by default), so serving collections skip it: `GcPauses`
-times every collection through `gc.callbacks` so /metrics shows that they stay short. `freeze_startup_heap()` does the
-same freeze for processes Serve does not start (the benchmarks' clients).
+objects, and a full (generation 2) collection that walks them stops every request in flight for 175-188 ms on the
+2-core benchmark machine (benchmarks/results/fairness*.json: the collection before Serve's freeze). Ray Serve
+collects and freezes (`gc.freeze()`) a replica's heap once its constructor has run (`RAY_SERVE_FREEZE_GC_ON_STARTUP`,
+on by default), so serving collections skip it: `GcPauses` times every collection through `gc.callbacks` so
+/metrics shows that they stay short. `freeze_startup_heap()` does the same freeze for processes Serve does not start
+(the benchmarks' clients).
 
 Plain Python: no Ray.
 """
