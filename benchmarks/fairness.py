@@ -302,17 +302,21 @@ def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 
 def markdown(report: dict[str, Any]) -> str:
     s, m = report["settings"], report["machine"]
+    overrides = [
+        template.format(s[key])
+        for key, template in (
+            ("flood_requests_per_s", "{} requests/s"),
+            ("flood_burst", "burst {}"),
+            ("flood_rows_in_flight", "{} rows in flight"),
+        )
+        if s.get(key) is not None
+    ]
     lines = [
         f"# Fairness: one tenant flooding at {s['flood_clients']} clients, one quiet tenant at 1 client",
         "",
         f"{report['backbone']}, batch {s['batch']}, device {s['device']}, {s['requests']} quiet requests per phase, "
         f"quotas {'off' if s['no_quotas'] else 'default (ServeConfig)'}"
-        + (
-            f", the flooding tenant's own: {s['flood_requests_per_s']} requests/s, burst {s.get('flood_burst')}, "
-            f"{s['flood_rows_in_flight']} rows in flight"
-            if any(s.get(k) is not None for k in ("flood_requests_per_s", "flood_burst", "flood_rows_in_flight"))
-            else ""
-        )
+        + (f", the flooding tenant's own: {', '.join(overrides)}" if overrides else "")
         + ", flood clients "
         f"{'ignore' if s['flood_ignores_retry_after'] else 'honour'} Retry-After, HTTP front "
         f"{s.get('http_proxy', 'ray')}. {m['cpu']} ({m['cores']} cores), "
