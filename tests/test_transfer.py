@@ -296,7 +296,7 @@ def test_a_fitted_teacher_is_fitted_first_then_frozen_and_the_student_learns_fro
     stages = [e["stage"] for e in events]
     assert stages.index("fusion") < stages.index("stage2") and stages[-1] == "stage2"  # the teacher first
     last = {e["stage"]: float(e["seconds"]) for e in events}  # type: ignore[arg-type]
-    assert fit_here.seconds >= last["fusion"] + last["stage2"]  # its seconds include fitting the teacher
+    assert fit_here.seconds >= last["fusion"] + last["stage2"] - 0.002  # includes fitting the teacher (rounded to ms)
     assert fitted_here.method == "distill" and isinstance(fitted_here.adapters, type(stage1.adapters))
     with pytest.raises(ConfigError, match=r"distill\.teacher must be one of"):
         RecipeConfig.from_dict({"distill": {"teacher": "frozen"}})
