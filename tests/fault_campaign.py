@@ -46,6 +46,7 @@ TEXTS = [
     "how do i cook rice",
 ]
 KINDS = ("ok", "failed_5xx", "wrong", "lost")
+CUT = "cut mid-response"  # the detail of a lost request whose response began and was cut
 
 
 def same(got: dict[str, Any], expected: dict[str, Any]) -> bool:
@@ -111,10 +112,22 @@ class Outcome:
     detail: str = ""
 
 
+class ResponseCut(Exception):
+    """The response's head arrived, its body did not: the server died while writing it (after the head was sent, no
+    proxy can send the request again)."""
+
+
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
-    """(status, connection kept alive, body) of one HTTP/1.1 response."""
+    """(status, connection kept alive, body) of one HTTP/1.1 response; `ResponseCut` when it ends after the head."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
+    try:
+        return await _read_body(reader, head, status)
+    except asyncio.IncompleteReadError as exc:
+        raise ResponseCut(f"status {status}, the body cut after {len(exc.partial)} bytes") from None
+
+
+async def _read_body(reader: asyncio.StreamReader, head: bytes, status: int) -> tuple[int, bool, bytes]:
     close = re.search(rb"(?i)\r\nconnection:\s*close", head) is not None
     length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
     if length is not None:
@@ -262,6 +275,9 @@ class Load:
                         conn = _close(conn)
                 except asyncio.TimeoutError:
                     kind, version, detail = "lost", None, f"no answer within {self.timeout_s:.0f} s"
+                    conn = _close(conn)
+                except ResponseCut as exc:
+                    kind, version, detail = "lost", None, f"{CUT}: {exc}"
                     conn = _close(conn)
                 except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
                     kind, version, detail = "lost", None, f"no response: {type(exc).__name__}: {exc}"[:160]
