@@ -19,7 +19,9 @@ def unfrozen() -> Iterator[None]:
 def test_freezing_takes_live_objects_out_of_full_collections(unfrozen: None) -> None:
     kept = [[i] for i in range(50_000)]  # long-lived objects a full collection would walk
     frozen = freeze_startup_heap()
-    assert frozen >= len(kept) and gc.get_freeze_count() == frozen
+    # objects frozen a moment ago may since have been freed (by this or another thread of the test process), which
+    # lowers the count; nothing is added to the permanent generation without another freeze
+    assert len(kept) <= gc.get_freeze_count() <= frozen
     assert all(gc.is_tracked(x) for x in kept[:10])
     assert not any(x is kept[0] for x in gc.get_objects(generation=2))  # in the permanent generation, not walked
 
