@@ -341,18 +341,22 @@ class TransferConfig(Config):
     γ > 0, the hidden-state term). Each stage-2 batch holds `stage2.batch_size` labelled rows and `ratio` times as
     many unlabelled ones; an epoch draws at most `max_per_epoch` unlabelled rows (a fresh seeded sample each epoch).
     `augment` (opt in, used only when the tenant brought no unlabelled queries): `augment_copies` perturbed copies
-    of every labelled query (token dropout, masking, word-order swaps, or a mix) serve as the transfer set."""
+    of every labelled query (token dropout, masking, word-order swaps, or a mix) serve as the transfer set.
+    `student_noise` (noisy student, opt in): each word-piece of a transfer row is hidden from the student with this
+    probability (its attention mask zeroed; never [CLS] or [SEP]), while the teacher sees the whole query."""
 
     ratio: float = 3.0
     max_per_epoch: int | None = 1024
     augment: Augmentation = "none"
     augment_copies: int = 2
     augment_rate: float = 0.15
+    student_noise: float = 0.0
 
     def check(self) -> None:
         require(0 < self.ratio <= 64, f"ratio must be in (0, 64], got {self.ratio!r}")
         at_least(self, 1, "max_per_epoch", "augment_copies")
         require(0 < self.augment_rate < 1, f"augment_rate must be in (0, 1), got {self.augment_rate!r}")
+        require(0 <= self.student_noise < 1, f"student_noise must be in [0, 1), got {self.student_noise!r}")
 
 
 @dataclass(frozen=True)

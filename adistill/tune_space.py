@@ -12,10 +12,10 @@ and are found by name), validated into frozen dataclasses. No Ray here.
       stage2: {epochs: 20, patience: null}
     asha: {grace_period: 2, reduction_factor: 2}    # optional: early stopping (with --scheduler asha)
 
-Only stage-2 settings can be searched (`distill.*`, `stage2.*`, and the transfer set's `transfer.ratio` and
-`transfer.max_per_epoch`): stage 1 is trained once per tenant and shared by every trial. Every range is checked
-against the recipe's own rules when the file is loaded (α outside [0, 1], a negative β, lr >= 1... are refused
-before any training), and unknown keys or distributions are errors naming them.
+Only stage-2 settings can be searched (`distill.*`, `stage2.*`, and the transfer set's `transfer.ratio`,
+`transfer.max_per_epoch` and `transfer.student_noise`): stage 1 is trained once per tenant and shared by every
+trial. Every range is checked against the recipe's own rules when the file is loaded (α outside [0, 1], a negative
+β, lr >= 1... are refused before any training), and unknown keys or distributions are errors naming them.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ TUNABLE: dict[str, type] = {
     "stage2.patience": int,
     "transfer.ratio": float,
     "transfer.max_per_epoch": int,
+    "transfer.student_noise": float,
 }
 NULLABLE = ("stage2.patience", "transfer.max_per_epoch")  # a choice may list null (no limit) for these
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "int")

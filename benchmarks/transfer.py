@@ -13,6 +13,8 @@ user's would be. Stage 1 is trained once per run and shared; then, from it:
     self_training         control (a): stage 1 retrained on its own confident pseudo-labels of the same rows
     transfer_no_teachers  control (b): stage 2 with the transfer set, the fusion holding only its own adapter
     distill_augment       (with --augment KIND) stage 2 with perturbed labelled queries as the transfer set
+    *_noisy               (with --student-noise P) distill_transfer and transfer_no_teachers again with
+                          transfer.student_noise = P: the student sees the unlabelled rows with word-pieces hidden
     *_fitted              (with --fitted-teacher) distill, distill_transfer and transfer_no_teachers again with
                           distill.teacher = fitted: the fusion teacher is fitted first, alone, then frozen (the two
                           runs over the teachers reuse the `fusion` baseline's fit, whose seconds are added to theirs)
@@ -50,7 +52,8 @@ from adistill.recipes.transfer import TransferInputs, transfer_inputs
 log = logging.getLogger("benchmarks.transfer")
 METHODS = ("adapter", "fusion", "distill", "distill_transfer", "self_training", "transfer_no_teachers")
 FITTED = ("distill_fitted", "distill_transfer_fitted", "transfer_no_teachers_fitted")  # with --fitted-teacher
-OPTIONAL = (*FITTED, "distill_augment")
+NOISY = ("distill_transfer_noisy", "transfer_no_teachers_noisy")  # with --student-noise
+OPTIONAL = (*FITTED, "distill_augment", *NOISY)
 STAGE2 = ("distill", "distill_transfer", "transfer_no_teachers")  # stage-2 runs, for the time-saved estimate
 OLD_PATIENCE, OLD_EPOCHS = 10, 40  # stage 2's defaults before issue 17
 TARGETS = {  # shots -> (method compared against, margin in points)
@@ -107,6 +110,7 @@ def run_one(
     augment: str | None,
     fitted: bool = False,
     done: dict[str, Any] | None = None,
+    student_noise: float | None = None,
 ) -> dict[str, Any]:
     """One tenant, shots and seed: every method (those in `done`, an earlier run's row, are kept, not run again)."""
     source = tenant_file(domain, shots, seed, per_intent, folder)
@@ -158,6 +162,11 @@ def run_one(
         inputs = transfer_inputs(backbone, plain, aug_cfg)
         timed("distill_augment", lambda: distill(backbone, plain, aug_cfg, stage1, teachers, transfer=inputs))
         row["distill_augment"]["augmented_examples"] = len(inputs.texts)
+    if student_noise:
+        ncfg = cfg.replace(transfer=cfg.transfer.replace(student_noise=student_noise))
+        for method, peers in zip(NOISY, (teachers, [])):
+            if todo(method):
+                timed(method, lambda p=peers: distill(backbone, data, ncfg, stage1, p))
     return row
 
 
@@ -341,9 +350,11 @@ def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: 
             args.augment,
             args.fitted_teacher,
             done,
+            args.student_noise,
         )
 
     wanted = [*METHODS, *(FITTED if args.fitted_teacher else ()), *(("distill_augment",) if args.augment else ())]
+    wanted += NOISY if args.student_noise else ()
     needs = lambda row: any(m not in row for m in wanted)  # noqa: E731
     rows = cached_runs(args, workdir / "transfer" / "runs", f"-n{args.unlabeled}", loaded, METHODS, run, needs)
     meta = {

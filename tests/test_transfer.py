@@ -25,7 +25,7 @@ from adistill.recipes import train_tenant
 from adistill.recipes.self_training import pseudo_labels, self_train
 from adistill.recipes.stage1 import train_adapter
 from adistill.recipes.stage2 import distill
-from adistill.recipes.transfer import TransferInputs, TransferSet, transfer_inputs
+from adistill.recipes.transfer import TransferInputs, TransferSet, hide_tokens, transfer_inputs
 from adistill.store.artifact import Teacher
 from adistill.tune_space import space_from_dict
 
@@ -339,6 +339,39 @@ def test_augmentation_is_opt_in_and_only_without_unlabeled_rows(tiny: Backbone, 
     assert transfer_inputs(tiny, read_tenant_data(str(with_unlabeled)), cfg).source == "unlabeled"
 
 
+def test_the_noisy_student_sees_transfer_rows_with_word_pieces_hidden() -> None:
+    mask = torch.tensor([[1] * 8, [1] * 8, [1] * 6 + [0] * 2, [1, 1, 0, 0, 0, 0, 0, 0]])
+    hidden = hide_tokens(mask, 1, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(hidden[0], mask[0]) and torch.equal(mask[1], torch.ones(8, dtype=torch.long))  # a copy
+    assert not bool((hidden > mask).any())  # padding stays padding
+    for row, length in ((1, 8), (2, 6)):
+        assert hidden[row, 0] == 1 and hidden[row, length - 1] == 1  # [CLS] and [SEP] stay
+        assert 1 <= int(hidden[row, 1 : length - 1].sum()) < length - 2  # some word-pieces hidden, never all
+    assert torch.equal(hidden[3], mask[3])  # [CLS] [SEP] only: nothing to hide
+    everything = hide_tokens(mask, 0, 0.999, torch.Generator().manual_seed(0))
+    assert torch.equal(everything[:3, 1:5], mask[:3, 1:5])  # a row that would lose all its word-pieces keeps them
+    assert torch.equal(hide_tokens(mask, 1, 0.0, torch.Generator()), mask)
+
+
+def test_stage2_with_a_noisy_student_differs_only_by_the_hidden_word_pieces(
+    tiny: Backbone, with_unlabeled: Path
+) -> None:
+    data = read_tenant_data(str(with_unlabeled))
+    cfg = fast_config("distill", epochs=1)
+    stage1, _ = train_adapter(tiny, data, cfg)
+    adapters = [t.adapters for t in teachers_for(tiny)]
+    noisy_cfg = cfg.replace(transfer=cfg.transfer.replace(student_noise=0.3))
+    clean, _ = distill(tiny, data, cfg, stage1, adapters)
+    noisy, fit = distill(tiny, data, noisy_cfg, stage1, adapters)
+    again, _ = distill(tiny, data, noisy_cfg, stage1, adapters)
+    assert fit.steps == 5 and all(torch.isfinite(torch.tensor(h["loss"])) for h in fit.history)
+    assert any(not torch.equal(a, b) for a, b in zip(clean.parameters(), noisy.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(noisy.parameters(), again.parameters()))  # seeded
+    labelled_only, _ = distill(tiny, data, noisy_cfg, stage1, adapters, transfer=TransferInputs([], "none"))
+    plain, _ = distill(tiny, data, cfg, stage1, adapters, transfer=TransferInputs([], "none"))
+    assert all(torch.equal(a, b) for a, b in zip(labelled_only.parameters(), plain.parameters()))  # no transfer rows
+
+
 # --------------------------------------------------------------------------------------------- recipe and tuning
 
 
@@ -350,6 +383,7 @@ def test_transfer_settings_are_validated_recipe_fields() -> None:
         ({"max_per_epoch": 0}, "transfer.max_per_epoch must be >= 1"),
         ({"augment": "shuffle"}, "transfer.augment must be one of"),
         ({"augment_rate": 1.0}, r"transfer.augment_rate must be in \(0, 1\)"),
+        ({"student_noise": 1.0}, r"transfer.student_noise must be in \[0, 1\)"),
         ({"ratios": 2}, r"unknown key\(s\) \['ratios'\] in transfer"),
     ):
         with pytest.raises(ConfigError, match=message):

@@ -8,8 +8,8 @@ student (φ_N, W_N) is returned: the fusion, W_F and the teachers are dropped, s
 
 With a transfer set (`recipes/transfer.py`) a batch also holds unlabelled rows: they get only the teacher→student
 terms, so the teacher path runs on them without gradient (the fusion learns from labelled rows only) unless
-`distill.detach_teacher` is off. With `distill.teacher` = `fitted` the fusion is trained first, alone, then frozen:
-stage 2 then trains only φ_N and W_N.
+`distill.detach_teacher` is off; with `transfer.student_noise` the student sees them with word-pieces hidden. With
+`distill.teacher` = `fitted` the fusion is trained first, alone, then frozen: stage 2 then trains only φ_N and W_N.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from adistill.model import Batch, TenantModel
 from adistill.recipes.baselines import teacher_fusion, train_fusion
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.loop import FitResult, Progress, fit
-from adistill.recipes.transfer import TransferInputs, TransferSet, transfer_inputs
+from adistill.recipes.transfer import TransferInputs, TransferSet, hide_tokens, transfer_inputs
 
 
 class _Recorder:
@@ -75,6 +75,7 @@ def distill(
     student = TenantModel("distill", copy.deepcopy(stage1.head), copy.deepcopy(stage1.adapters))
     sites = cfg.adapter.sites
     transfer = transfer if transfer is not None else transfer_inputs(backbone, data, cfg)
+    noise = torch.Generator().manual_seed(cfg.seed)  # the student's hidden word-pieces (transfer.student_noise)
 
     def teacher_path(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         route = _Recorder(teacher.adapters, sites)  # type: ignore[arg-type]
@@ -97,6 +98,8 @@ def distill(
             with torch.no_grad():
                 z_u, h_u = teacher_path(ids[n:], mask[n:])
             z_t, h_t = torch.cat([z_t, z_u]), [torch.cat([a, b]) for a, b in zip(h_t, h_u)]
+        if n < len(labelled) and cfg.transfer.student_noise > 0:
+            mask = hide_tokens(mask, n, cfg.transfer.student_noise, noise)
         s_route = _Recorder(student.adapters, sites)  # type: ignore[arg-type]
         z_s = student.head(encode(backbone.model, ids, mask, s_route), mask)
         return distillation_loss(z_s, z_t, batch.labels, cfg.distill, s_route.outputs, h_t).total

@@ -88,5 +88,22 @@ class TransferSet:
             yield self.rows.batch(stream[step * width : (step + 1) * width] + extra)
 
 
+def hide_tokens(mask: torch.Tensor, first: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """A copy of the attention `mask` in which rows `first:` (the transfer rows) lose each word-piece with probability
+    `rate` (noisy student: the student sees less of the query than its teacher). A row's first and last tokens
+    ([CLS], [SEP]) always stay, and a row that would lose every word-piece between them keeps them all."""
+    out = mask.clone()
+    rows = out[first:]
+    if rate <= 0 or rows.numel() == 0:
+        return out
+    lengths = rows.sum(1, keepdim=True)
+    pos = torch.arange(rows.shape[1], device=rows.device).unsqueeze(0)
+    inner = (pos > 0) & (pos < lengths - 1)
+    drop = (torch.rand(rows.shape, generator=generator) < rate).to(rows.device) & inner
+    drop[(drop == inner).all(1)] = False  # nothing of the query would be left
+    rows[drop] = 0
+    return out
+
+
 def _order(n: int, generator: torch.Generator | None) -> list[int]:
     return torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
