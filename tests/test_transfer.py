@@ -357,10 +357,11 @@ def test_stage2_with_a_noisy_student_differs_only_by_the_hidden_word_pieces(
     tiny: Backbone, with_unlabeled: Path
 ) -> None:
     data = read_tenant_data(str(with_unlabeled))
-    cfg = fast_config("distill", epochs=1)
+    noisy_cfg = fast_config("distill", epochs=1)
+    assert noisy_cfg.transfer.student_noise == 0.2  # on by default
+    cfg = noisy_cfg.replace(transfer=noisy_cfg.transfer.replace(student_noise=0.0))
     stage1, _ = train_adapter(tiny, data, cfg)
     adapters = [t.adapters for t in teachers_for(tiny)]
-    noisy_cfg = cfg.replace(transfer=cfg.transfer.replace(student_noise=0.3))
     clean, _ = distill(tiny, data, cfg, stage1, adapters)
     noisy, fit = distill(tiny, data, noisy_cfg, stage1, adapters)
     again, _ = distill(tiny, data, noisy_cfg, stage1, adapters)
