@@ -286,9 +286,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Targets (the method minus the other one, points):", ""]
         for t in cell["targets"]:
             verdict = "met" if t["met"] else "**not met**"
-            method = t.get("method", "distill_transfer")
             lines.append(
-                f"- {method} vs {t['versus']}: {t['difference']:+.2f} (target ≥ +{t['margin']:.1f}): {verdict}"
+                f"- {t['method']} vs {t['versus']}: {t['difference']:+.2f} (target ≥ +{t['margin']:.1f}): {verdict}"
             )
         for name, x in cell.get("partial", {}).items():
             others = ", ".join(f"{k} {v:.2f}" for k, v in x["same_runs"].items())
