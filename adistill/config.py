@@ -344,7 +344,10 @@ class TransferConfig(Config):
     of every labelled query (token dropout, masking, word-order swaps, or a mix) serve as the transfer set.
     `student_noise` (noisy student; 0 turns it off): each word-piece of a transfer row is hidden from the student with
     this probability (its attention mask zeroed; never [CLS] or [SEP]), while the teacher sees the whole query. The
-    default 0.2 was measured on CLINC150 (docs/method.md, "A noisy student"); it does nothing without a transfer set."""
+    default 0.2 was measured on CLINC150 (docs/method.md, "A noisy student"); it does nothing without a transfer set.
+    `neighbours` (0 turns it off): each transfer row's distillation target is mixed, with weight `neighbour_weight`,
+    with the mean target of its `neighbours` nearest transfer rows in the frozen encoder's sentence space (queries
+    that read alike get alike targets; `recipes/transfer.py`, `NeighbourTargets`)."""
 
     ratio: float = 3.0
     max_per_epoch: int | None = 1024
@@ -352,12 +355,16 @@ class TransferConfig(Config):
     augment_copies: int = 2
     augment_rate: float = 0.15
     student_noise: float = 0.2
+    neighbours: int = 0
+    neighbour_weight: float = 0.5
 
     def check(self) -> None:
         require(0 < self.ratio <= 64, f"ratio must be in (0, 64], got {self.ratio!r}")
         at_least(self, 1, "max_per_epoch", "augment_copies")
         require(0 < self.augment_rate < 1, f"augment_rate must be in (0, 1), got {self.augment_rate!r}")
         require(0 <= self.student_noise < 1, f"student_noise must be in [0, 1), got {self.student_noise!r}")
+        at_least(self, 0, "neighbours")
+        require(0 < self.neighbour_weight <= 1, f"neighbour_weight must be in (0, 1], got {self.neighbour_weight!r}")
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    rows: torch.Tensor | None = None  # each row's index in the `Encoded` it came from
 
 
 class Encoded:
@@ -89,7 +90,7 @@ class Encoded:
             ids[row, : len(self.ids[i])] = torch.tensor(self.ids[i])
             mask[row, : len(self.ids[i])] = 1
         labels = torch.tensor([self.labels[i] for i in index], dtype=torch.long)
-        return Batch(ids.to(self.device), mask.to(self.device), labels.to(self.device))
+        return Batch(ids.to(self.device), mask.to(self.device), labels.to(self.device), torch.tensor(index))
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
         """Shuffled with `generator`, else in length order (fast evaluation)."""

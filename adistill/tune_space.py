@@ -13,9 +13,10 @@ and are found by name), validated into frozen dataclasses. No Ray here.
     asha: {grace_period: 2, reduction_factor: 2}    # optional: early stopping (with --scheduler asha)
 
 Only stage-2 settings can be searched (`distill.*`, `stage2.*`, and the transfer set's `transfer.ratio`,
-`transfer.max_per_epoch` and `transfer.student_noise`): stage 1 is trained once per tenant and shared by every
-trial. Every range is checked against the recipe's own rules when the file is loaded (α outside [0, 1], a negative
-β, lr >= 1... are refused before any training), and unknown keys or distributions are errors naming them.
+`transfer.max_per_epoch`, `transfer.student_noise`, `transfer.neighbours` and `transfer.neighbour_weight`): stage 1
+is trained once per tenant and shared by every trial. Every range is checked against the recipe's own rules when the
+file is loaded (α outside [0, 1], a negative β, lr >= 1... are refused before any training), and unknown keys or
+distributions are errors naming them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ TUNABLE: dict[str, type] = {
     "transfer.ratio": float,
     "transfer.max_per_epoch": int,
     "transfer.student_noise": float,
+    "transfer.neighbours": int,
+    "transfer.neighbour_weight": float,
 }
 NULLABLE = ("stage2.patience", "transfer.max_per_epoch")  # a choice may list null (no limit) for these
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "int")

@@ -253,6 +253,8 @@ def main() -> None:
     p.add_argument("--fitted-teacher", action="store_true", help="also stage 2 with distill.teacher = fitted")
     p.add_argument("--augment", default=None, help="also distil over perturbed labelled queries (with --unlabeled)")
     p.add_argument("--student-noise", type=float, default=None, help="also the *_noisy rows (with --unlabeled)")
+    p.add_argument("--neighbours", type=int, default=0, help="also the *_neighbours rows (with --student-noise)")
+    p.add_argument("--neighbours-control", action="store_true", help="with --neighbours: also without teachers")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--note", default="", help="a sentence for the report (what was run, what was not)")
     args = p.parse_args()

@@ -15,6 +15,11 @@ user's would be. Stage 1 is trained once per run and shared; then, from it:
     distill_augment       (with --augment KIND) stage 2 with perturbed labelled queries as the transfer set
     *_noisy               (with --student-noise P) distill_transfer and transfer_no_teachers again with
                           transfer.student_noise = P: the student sees the unlabelled rows with word-pieces hidden
+    *_neighbours          (with --neighbours K and --student-noise P) distill_transfer_noisy again with
+                          transfer.neighbours = K: each unlabelled row's target mixed with its K nearest unlabelled
+                          rows' (recipes/transfer.py, NeighbourTargets); --neighbours-control adds
+                          transfer_no_teachers_neighbours, the same without teachers, and --fitted-teacher adds
+                          distill_transfer_neighbours_fitted, the same over the fitted, frozen fusion
     *_fitted              (with --fitted-teacher) distill, distill_transfer and transfer_no_teachers again with
                           distill.teacher = fitted: the fusion teacher is fitted first, alone, then frozen (the two
                           runs over the teachers reuse the `fusion` baseline's fit, whose seconds are added to theirs)
@@ -54,14 +59,22 @@ log = logging.getLogger("benchmarks.transfer")
 METHODS = ("adapter", "fusion", "distill", "distill_transfer", "self_training", "transfer_no_teachers")
 FITTED = ("distill_fitted", "distill_transfer_fitted", "transfer_no_teachers_fitted")  # with --fitted-teacher
 NOISY = ("distill_transfer_noisy", "transfer_no_teachers_noisy")  # with --student-noise
-OPTIONAL = (*FITTED, "distill_augment", *NOISY)
+# with --neighbours K (the second also needs --neighbours-control, the third --fitted-teacher)
+NEIGHBOURS = ("distill_transfer_neighbours", "transfer_no_teachers_neighbours", "distill_transfer_neighbours_fitted")
+OPTIONAL = (*FITTED, "distill_augment", *NOISY, *NEIGHBOURS)
 STAGE2 = ("distill", "distill_transfer", "transfer_no_teachers")  # stage-2 runs, for the time-saved estimate
 OLD_PATIENCE, OLD_EPOCHS = 10, 40  # stage 2's defaults before issue 17
 TARGETS = {  # shots -> (method compared against, margin in points)
     "5": (("adapter", 2.0), ("fusion", 1.0), ("self_training", 0.5)),
     "10": (("adapter", 1.0),),
 }
-JUDGED = ("distill_transfer", "distill_transfer_noisy")  # the rows held to the targets (the second: the default)
+# the rows held to the targets (the second: the default recipe; the last two: with neighbour targets)
+JUDGED = (
+    "distill_transfer",
+    "distill_transfer_noisy",
+    "distill_transfer_neighbours",
+    "distill_transfer_neighbours_fitted",
+)
 
 
 def tenant_file(domain: str, shots: int, seed: int, per_intent: int, folder: Path) -> Path:
@@ -113,6 +126,8 @@ def run_one(
     fitted: bool = False,
     done: dict[str, Any] | None = None,
     student_noise: float | None = None,
+    neighbours: int = 0,
+    neighbours_control: bool = False,
 ) -> dict[str, Any]:
     """One tenant, shots and seed: every method (those in `done`, an earlier run's row, are kept, not run again)."""
     source = tenant_file(domain, shots, seed, per_intent, folder)
@@ -138,9 +153,10 @@ def run_one(
     t0 = time.perf_counter()
     fusion, fusion_fit = train_fusion(backbone, data, cfg, stage1, teachers)
     row["fusion"] = _record(backbone, fusion, fusion_fit, data, cfg, time.perf_counter() - t0)
-    if done:  # stage 1 and the fusion are retrained (seeded: the same weights), the rest is kept
+    if done:  # stage 1 and the fusion are retrained; every earlier row but stage 1's (the same accuracy) is kept
         assert done["adapter"]["test_accuracy"] == row["adapter"]["test_accuracy"], "stage 1 did not repeat itself"
-        row.update({k: v for k, v in done.items() if k not in row})
+        # the fusion's too: a re-run fusion can differ in its last bits (it serves as the fitted teacher of new rows)
+        row.update({k: v for k, v in done.items() if k != "adapter"})
     todo = lambda method: method not in row  # noqa: E731
     if todo("distill"):
         timed("distill", lambda: distill(backbone, data, cfg, stage1, teachers, transfer=none))
@@ -169,6 +185,18 @@ def run_one(
         for method, peers in zip(NOISY, (teachers, [])):
             if todo(method):
                 timed(method, lambda p=peers: distill(backbone, data, ncfg, stage1, p))
+    if neighbours:
+        assert student_noise, "--neighbours adds to the default recipe's rows: pass --student-noise too"
+        kcfg = cfg.replace(transfer=cfg.transfer.replace(student_noise=student_noise, neighbours=neighbours))
+        for method, peers in zip(NEIGHBOURS, (teachers, [])):
+            if todo(method) and (peers or neighbours_control):
+                timed(method, lambda p=peers: distill(backbone, data, kcfg, stage1, p))
+        if fitted and todo(NEIGHBOURS[2]):  # over the fusion above, fitted and frozen (its seconds added)
+            fkcfg = kcfg.replace(distill=kcfg.distill.replace(teacher="fitted"))
+            timed(NEIGHBOURS[2], lambda: distill(backbone, data, fkcfg, stage1, teachers, None, None, fusion))
+            row[NEIGHBOURS[2]]["train_seconds"] = round(
+                row[NEIGHBOURS[2]]["train_seconds"] + row["fusion"]["train_seconds"], 1
+            )
     return row
 
 
@@ -360,10 +388,14 @@ def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: 
             args.fitted_teacher,
             done,
             args.student_noise,
+            args.neighbours,
+            args.neighbours_control,
         )
 
     wanted = [*METHODS, *(FITTED if args.fitted_teacher else ()), *(("distill_augment",) if args.augment else ())]
     wanted += NOISY if args.student_noise else ()
+    if args.neighbours:
+        wanted += [m for m, on in zip(NEIGHBOURS, (True, args.neighbours_control, args.fitted_teacher)) if on]
     needs = lambda row: any(m not in row for m in wanted)  # noqa: E731
     rows = cached_runs(args, workdir / "transfer" / "runs", f"-n{args.unlabeled}", loaded, METHODS, run, needs)
     meta = {

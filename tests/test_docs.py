@@ -6,8 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ROOT, run_cli
 
+from adistill.config import RecipeConfig
 from adistill.errors import ConfigError
 from adistill.tune_space import load_space, packaged_spaces
 
@@ -37,6 +39,13 @@ def test_docs_cite_only_files_in_the_repository(doc: Path) -> None:
         if not ((base / target).exists() or (ROOT / target).exists()):
             missing.append(target)
     assert not missing, f"{doc.name} cites files that are not in the repository: {missing}"
+
+
+def test_the_recipe_shown_in_the_method_doc_is_the_default_recipe() -> None:
+    """docs/method.md's "Configuration" block lists every setting with its default: it loads, and equals them."""
+    section = (ROOT / "docs" / "method.md").read_text().split("## Configuration", 1)[1]
+    block = section.split("```yaml", 1)[1].split("```", 1)[0]
+    assert RecipeConfig.from_dict(yaml.safe_load(block)) == RecipeConfig()
 
 
 def test_packaged_spaces_load_by_name_and_from_the_checkout() -> None:

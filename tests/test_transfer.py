@@ -25,7 +25,14 @@ from adistill.recipes import train_tenant
 from adistill.recipes.self_training import pseudo_labels, self_train
 from adistill.recipes.stage1 import train_adapter
 from adistill.recipes.stage2 import distill
-from adistill.recipes.transfer import TransferInputs, TransferSet, hide_tokens, transfer_inputs
+from adistill.recipes.transfer import (
+    NeighbourTargets,
+    TransferInputs,
+    TransferSet,
+    hide_tokens,
+    neighbour_index,
+    transfer_inputs,
+)
 from adistill.store.artifact import Teacher
 from adistill.tune_space import space_from_dict
 
@@ -306,6 +313,31 @@ def test_a_fitted_teacher_is_fitted_first_then_frozen_and_the_student_learns_fro
         space_from_dict({"params": {"distill.teacher": {"uniform": [0, 1]}}})
 
 
+@pytest.mark.parametrize("teacher", ["joint", "fitted"])
+def test_neighbour_targets_know_every_row_from_the_first_step_only_with_a_frozen_teacher(
+    tiny: Backbone, with_unlabeled: Path, teacher: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fitted (frozen) teacher labels every transfer row once before stage 2; a joint one as it runs."""
+    calls: list[tuple[bool, bool]] = []  # (every row known before this batch, every row known after it)
+    call = NeighbourTargets.__call__
+
+    def spy(self: NeighbourTargets, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        before = bool(self.seen.all())
+        out = call(self, rows, logits)
+        calls.append((before, bool(self.seen.all())))
+        return out
+
+    monkeypatch.setattr(NeighbourTargets, "__call__", spy)
+    data = read_tenant_data(str(with_unlabeled))
+    cfg = fast_config("distill", epochs=2, distill=DistillConfig(teacher=teacher))  # type: ignore[arg-type]
+    cfg = cfg.replace(transfer=cfg.transfer.replace(neighbours=3))
+    stage1, _ = train_adapter(tiny, data, cfg)
+    _, fit = distill(tiny, data, cfg, stage1, [t.adapters for t in teachers_for(tiny)])
+    assert calls and all(torch.isfinite(torch.tensor(h["loss"])) for h in fit.history)
+    assert calls[0][0] is (teacher == "fitted")
+    assert calls[-1][1]  # by the end of the first epoch every transfer row has been seen either way
+
+
 # -------------------------------------------------------------------------------------------------- augmentation
 
 
@@ -353,24 +385,62 @@ def test_the_noisy_student_sees_transfer_rows_with_word_pieces_hidden() -> None:
     assert torch.equal(hide_tokens(mask, 1, 0.0, torch.Generator()), mask)
 
 
-def test_stage2_with_a_noisy_student_differs_only_by_the_hidden_word_pieces(
-    tiny: Backbone, with_unlabeled: Path
+def test_neighbours_are_the_nearest_other_texts_in_the_frozen_encoders_space(tiny: Backbone) -> None:
+    texts = ["open my account", "open my account now", "close my account", "what is the weather", "weather today"]
+    near = neighbour_index(tiny, texts, 2, 16, chunk=2)  # chunks smaller than the set: the same answer
+    assert near.shape == (5, 2) and torch.equal(near, neighbour_index(tiny, texts, 2, 16))
+    assert all(i not in near[i].tolist() for i in range(5))  # never its own neighbour
+    encoded = Encoded(tiny, texts, [0] * 5, 16)
+    with torch.no_grad():  # the same ranking, from the vectors computed here the plain way
+        vectors = []
+        for i in range(5):
+            batch = encoded.batch([i])
+            vectors.append(F.normalize(tiny.model(batch.input_ids).last_hidden_state.mean(1)[0], dim=-1))
+    sims = torch.stack(vectors) @ torch.stack(vectors).T
+    sims.fill_diagonal_(-2)
+    assert torch.equal(near, sims.topk(2, dim=-1).indices)
+    assert neighbour_index(tiny, texts, 10, 16).shape == (5, 4)  # at most every other text
+
+
+def test_neighbour_targets_mix_in_the_neighbours_last_known_targets() -> None:
+    near = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    smooth = NeighbourTargets(near, 0.5, 2.0, 3)
+    z0 = torch.tensor([[4.0, 0.0, 0.0]])
+    first = smooth(torch.tensor([0]), z0)  # no neighbour seen yet: the teacher's own target
+    assert torch.allclose((first / 2.0).softmax(-1), (z0 / 2.0).softmax(-1), atol=1e-6)
+    z12 = torch.tensor([[0.0, 4.0, 0.0], [0.0, 0.0, 4.0]])
+    out = smooth(torch.tensor([1, 2]), z12)  # row 1's neighbours 0 and 2 are both known now (2 from this batch)
+    p = (torch.cat([z0, z12]) / 2.0).softmax(-1)
+    assert torch.allclose((out[0] / 2.0).softmax(-1), 0.5 * p[1] + 0.25 * (p[0] + p[2]), atol=1e-6)
+    assert torch.allclose((out[1] / 2.0).softmax(-1), 0.5 * p[2] + 0.25 * (p[0] + p[1]), atol=1e-6)
+    z0_again = torch.tensor([[0.0, 0.0, 4.0]])  # the bank keeps each row's latest target
+    again = smooth(torch.tensor([0]), z0_again)
+    p0 = (z0_again / 2.0).softmax(-1)[0]
+    assert torch.allclose((again[0] / 2.0).softmax(-1), 0.5 * p0 + 0.25 * (p[1] + p[2]), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "option", [{"student_noise": 0.2}, {"neighbours": 3}], ids=["noisy-student", "neighbour-targets"]
+)
+def test_stage2_transfer_options_are_seeded_and_act_only_on_transfer_rows(
+    tiny: Backbone, with_unlabeled: Path, option: dict[str, float]
 ) -> None:
     data = read_tenant_data(str(with_unlabeled))
-    noisy_cfg = fast_config("distill", epochs=1)
-    assert noisy_cfg.transfer.student_noise == 0.2  # on by default
-    cfg = noisy_cfg.replace(transfer=noisy_cfg.transfer.replace(student_noise=0.0))
+    defaults = fast_config("distill", epochs=1).transfer
+    assert (defaults.student_noise, defaults.neighbours) == (0.2, 0)  # noisy student on, neighbour targets off
+    cfg = fast_config("distill", epochs=1).replace(transfer=defaults.replace(student_noise=0.0))
+    on = cfg.replace(transfer=cfg.transfer.replace(**option))
     stage1, _ = train_adapter(tiny, data, cfg)
     adapters = [t.adapters for t in teachers_for(tiny)]
-    clean, _ = distill(tiny, data, cfg, stage1, adapters)
-    noisy, fit = distill(tiny, data, noisy_cfg, stage1, adapters)
-    again, _ = distill(tiny, data, noisy_cfg, stage1, adapters)
+    plain, _ = distill(tiny, data, cfg, stage1, adapters)
+    changed, fit = distill(tiny, data, on, stage1, adapters)
+    again, _ = distill(tiny, data, on, stage1, adapters)
     assert fit.steps == 5 and all(torch.isfinite(torch.tensor(h["loss"])) for h in fit.history)
-    assert any(not torch.equal(a, b) for a, b in zip(clean.parameters(), noisy.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(noisy.parameters(), again.parameters()))  # seeded
-    labelled_only, _ = distill(tiny, data, noisy_cfg, stage1, adapters, transfer=TransferInputs([], "none"))
-    plain, _ = distill(tiny, data, cfg, stage1, adapters, transfer=TransferInputs([], "none"))
-    assert all(torch.equal(a, b) for a, b in zip(labelled_only.parameters(), plain.parameters()))  # no transfer rows
+    assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), changed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(changed.parameters(), again.parameters()))  # seeded
+    labelled_only, _ = distill(tiny, data, on, stage1, adapters, transfer=TransferInputs([], "none"))
+    base, _ = distill(tiny, data, cfg, stage1, adapters, transfer=TransferInputs([], "none"))
+    assert all(torch.equal(a, b) for a, b in zip(labelled_only.parameters(), base.parameters()))  # no transfer rows
 
 
 # --------------------------------------------------------------------------------------------- recipe and tuning
@@ -385,6 +455,8 @@ def test_transfer_settings_are_validated_recipe_fields() -> None:
         ({"augment": "shuffle"}, "transfer.augment must be one of"),
         ({"augment_rate": 1.0}, r"transfer.augment_rate must be in \(0, 1\)"),
         ({"student_noise": 1.0}, r"transfer.student_noise must be in \[0, 1\)"),
+        ({"neighbours": -1}, "transfer.neighbours must be >= 0"),
+        ({"neighbour_weight": 0}, r"transfer.neighbour_weight must be in \(0, 1\]"),
         ({"ratios": 2}, r"unknown key\(s\) \['ratios'\] in transfer"),
     ):
         with pytest.raises(ConfigError, match=message):
@@ -399,6 +471,11 @@ def test_tune_spaces_may_search_the_transfer_set() -> None:
     assert (cfg.transfer.ratio, cfg.transfer.max_per_epoch) == (2.0, None)
     with pytest.raises(ConfigError, match=r"params.transfer.ratio: value 0.0 makes an invalid recipe"):
         space_from_dict({"params": {"transfer.ratio": {"uniform": [0.0, 2.0]}}})
+    near = space_from_dict(
+        {"params": {"transfer.neighbours": {"choice": [0, 10]}, "transfer.neighbour_weight": {"uniform": [0.2, 0.8]}}}
+    )
+    cfg = near.apply(RecipeConfig(), {"transfer.neighbours": 10, "transfer.neighbour_weight": 0.3})
+    assert (cfg.transfer.neighbours, cfg.transfer.neighbour_weight) == (10, 0.3)
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['transfer.augment_copies'\]"):
         space_from_dict({"params": {"transfer.augment_copies": {"int": [1, 3]}}})
 

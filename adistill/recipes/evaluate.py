@@ -19,6 +19,27 @@ BatchProgress = Callable[[int], object]
 
 
 @torch.no_grad()
+def predict_logits(
+    backbone: Backbone,
+    model: TenantModel,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = EVAL_BATCH,
+    progress: BatchProgress | None = None,
+) -> torch.Tensor:
+    """(len(texts), num_labels) logits, in the order of `texts`."""
+    encoded = Encoded(backbone, texts, [0] * len(texts), max_length)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded.ids[i]))  # similar lengths batch together
+    out = torch.zeros(len(texts), len(model.labels))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = encoded.batch(index)
+        out[index] = model.logits(backbone, batch.input_ids, batch.attention_mask).float().cpu()
+        if progress is not None:
+            progress(len(index))
+    return out
+
+
 def predict_probs(
     backbone: Backbone,
     model: TenantModel,
@@ -28,16 +49,7 @@ def predict_probs(
     progress: BatchProgress | None = None,
 ) -> torch.Tensor:
     """(len(texts), num_labels) probabilities, in the order of `texts`."""
-    encoded = Encoded(backbone, texts, [0] * len(texts), max_length)
-    order = sorted(range(len(texts)), key=lambda i: len(encoded.ids[i]))  # similar lengths batch together
-    out = torch.zeros(len(texts), len(model.labels))
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        batch = encoded.batch(index)
-        out[index] = model.logits(backbone, batch.input_ids, batch.attention_mask).float().softmax(-1).cpu()
-        if progress is not None:
-            progress(len(index))
-    return out
+    return predict_logits(backbone, model, texts, max_length, batch_size, progress).softmax(-1)
 
 
 def accuracy(backbone: Backbone, model: TenantModel, split: Split, max_length: int) -> float:

@@ -8,7 +8,8 @@ student (φ_N, W_N) is returned: the fusion, W_F and the teachers are dropped, s
 
 With a transfer set (`recipes/transfer.py`) a batch also holds unlabelled rows: they get only the teacher→student
 terms, so the teacher path runs on them without gradient (the fusion learns from labelled rows only) unless
-`distill.detach_teacher` is off; with `transfer.student_noise` the student sees them with word-pieces hidden. With
+`distill.detach_teacher` is off; with `transfer.student_noise` the student sees them with word-pieces hidden, and
+with `transfer.neighbours` their targets are mixed with their neighbours' (`NeighbourTargets`). With
 `distill.teacher` = `fitted` the fusion is trained first, alone, then frozen: stage 2 then trains only φ_N and W_N.
 """
 
@@ -27,9 +28,16 @@ from adistill.encoder import Route, encode
 from adistill.losses import UNLABELED, distillation_loss
 from adistill.model import Batch, TenantModel
 from adistill.recipes.baselines import teacher_fusion, train_fusion
-from adistill.recipes.evaluate import accuracy
+from adistill.recipes.evaluate import accuracy, predict_logits
 from adistill.recipes.loop import FitResult, Progress, fit
-from adistill.recipes.transfer import TransferInputs, TransferSet, hide_tokens, transfer_inputs
+from adistill.recipes.transfer import (
+    NeighbourTargets,
+    TransferInputs,
+    TransferSet,
+    hide_tokens,
+    neighbour_index,
+    transfer_inputs,
+)
 
 
 class _Recorder:
@@ -76,6 +84,14 @@ def distill(
     sites = cfg.adapter.sites
     transfer = transfer if transfer is not None else transfer_inputs(backbone, data, cfg)
     noise = torch.Generator().manual_seed(cfg.seed)  # the student's hidden word-pieces (transfer.student_noise)
+    smooth = None
+    if cfg.transfer.neighbours > 0 and len(transfer.texts) > 1:
+        near = neighbour_index(backbone, transfer.texts, cfg.transfer.neighbours, cfg.max_length)
+        smooth = NeighbourTargets(near, cfg.transfer.neighbour_weight, cfg.distill.temperature, len(student.labels))
+        if fitted:  # a frozen teacher: every transfer row's target is known before the first step
+            logits = predict_logits(backbone, teacher, transfer.texts, cfg.max_length)
+            smooth.remember(torch.arange(len(transfer.texts)), logits)
+    labelled_rows = len(data.train)  # transfer rows come after the labelled ones in the TransferSet
 
     def teacher_path(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         route = _Recorder(teacher.adapters, sites)  # type: ignore[arg-type]
@@ -86,7 +102,8 @@ def distill(
         n = int(labelled.sum())
         if n < len(labelled):  # labelled rows first, then the transfer rows
             order = torch.cat([labelled.nonzero()[:, 0], (~labelled).nonzero()[:, 0]])
-            batch = Batch(batch.input_ids[order], batch.attention_mask[order], batch.labels[order])
+            rows = batch.rows[order] if batch.rows is not None else None
+            batch = Batch(batch.input_ids[order], batch.attention_mask[order], batch.labels[order], rows)
         ids, mask = batch.input_ids, batch.attention_mask
         if fitted:  # a frozen teacher: targets only
             with torch.no_grad():
@@ -98,6 +115,9 @@ def distill(
             with torch.no_grad():
                 z_u, h_u = teacher_path(ids[n:], mask[n:])
             z_t, h_t = torch.cat([z_t, z_u]), [torch.cat([a, b]) for a, b in zip(h_t, h_u)]
+        if smooth is not None and n < len(labelled):
+            assert batch.rows is not None
+            z_t = torch.cat([z_t[:n], smooth(batch.rows[n:] - labelled_rows, z_t[n:])])
         if n < len(labelled) and cfg.transfer.student_noise > 0:
             mask = hide_tokens(mask, n, cfg.transfer.student_noise, noise)
         s_route = _Recorder(student.adapters, sites)  # type: ignore[arg-type]
