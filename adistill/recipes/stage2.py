@@ -102,7 +102,7 @@ def distill(
         n = int(labelled.sum())
         if n < len(labelled):  # labelled rows first, then the transfer rows
             order = torch.cat([labelled.nonzero()[:, 0], (~labelled).nonzero()[:, 0]])
-            rows = batch.rows[order] if batch.rows is not None else None
+            rows = batch.rows[order.cpu()] if batch.rows is not None else None  # row indices stay on the CPU
             batch = Batch(batch.input_ids[order], batch.attention_mask[order], batch.labels[order], rows)
         ids, mask = batch.input_ids, batch.attention_mask
         if fitted:  # a frozen teacher: targets only
