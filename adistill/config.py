@@ -53,6 +53,7 @@ AdapterKind = Literal["seq_bn", "houlsby"]
 Pooling = Literal["mean", "cls"]
 Method = Literal["adapter", "distill", "fusion", "finetune"]
 TeacherFit = Literal["joint", "fitted"]
+Keep = Literal["best", "last", "average"]
 METHODS: tuple[str, ...] = get_args(Method)
 TEACHER_STRATEGIES = ("all", "random", "similar", "probe")  # adistill.selection
 
@@ -296,13 +297,16 @@ class AdapterConfig(Config):
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
-    """One optimisation stage: AdamW, best epoch by validation accuracy, early stop after `patience` epochs."""
+    """One optimisation stage: AdamW, early stop after `patience` epochs without a new best validation accuracy
+    (null: run every epoch). `keep`: the weights the stage returns: `best`, the best validation epoch's; `last`, the
+    last epoch's; `average`, the mean of every epoch's weights (trained parameters only)."""
 
     epochs: int = 40
     lr: float = 1e-3
     batch_size: int = 32
     weight_decay: float = 0.0
     patience: int | None = 10
+    keep: Keep = "best"
 
     def check(self) -> None:
         at_least(self, 1, "epochs", "batch_size", "patience")

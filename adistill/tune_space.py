@@ -46,6 +46,7 @@ TUNABLE: dict[str, type] = {
     "stage2.batch_size": int,
     "stage2.weight_decay": float,
     "stage2.patience": int,
+    "stage2.keep": str,
     "transfer.ratio": float,
     "transfer.max_per_epoch": int,
     "transfer.student_noise": float,

@@ -46,6 +46,7 @@ def test_the_recipe_shown_in_the_method_doc_is_the_default_recipe() -> None:
     section = (ROOT / "docs" / "method.md").read_text().split("## Configuration", 1)[1]
     block = section.split("```yaml", 1)[1].split("```", 1)[0]
     assert RecipeConfig.from_dict(yaml.safe_load(block)) == RecipeConfig()
+    assert yaml.safe_load(block) == RecipeConfig().to_dict()  # every setting, none left out
 
 
 def test_packaged_spaces_load_by_name_and_from_the_checkout() -> None:

@@ -1,4 +1,5 @@
-"""The one training loop every recipe uses: AdamW, seeded shuffling, best epoch by validation accuracy."""
+"""The one training loop every recipe uses: AdamW, seeded shuffling, early stopping on validation accuracy, and the
+weights of the best epoch, the last one, or their mean over the epochs (`TrainConfig.keep`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class Batches(Protocol):
 
 @dataclass
 class FitResult:
+    """`best_epoch`: the epoch whose weights were kept (`keep: average`: the last epoch averaged);
+    `best_val_accuracy`: the validation accuracy of the weights returned."""
+
     best_epoch: int
     best_val_accuracy: float
     epochs_run: int
@@ -48,7 +52,8 @@ def fit(
     seed: int,
     progress: Progress | None = None,
 ) -> FitResult:
-    """Train the trainable parameters of `modules`, restore the weights of the best validation epoch.
+    """Train the trainable parameters of `modules`, then load the weights `cfg.keep` names: the best validation
+    epoch's, the last epoch's, or the mean over every epoch run of each trained parameter (frozen ones untouched).
 
     Only trained epochs compete: stage 2 returns its best stage-2 epoch, not the stage-1 weights it started from."""
     params = [p for p in modules.parameters() if p.requires_grad]
@@ -56,7 +61,9 @@ def fit(
         raise ValueError(f"{stage}: nothing to train")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    best_state = copy.deepcopy(modules.state_dict())
+    best_state = copy.deepcopy(modules.state_dict()) if cfg.keep == "best" else {}
+    trained = [name for name, p in modules.named_parameters() if p.requires_grad]
+    summed: dict[str, torch.Tensor] = {}  # keep = average: the sum of every epoch's trained weights
     best_acc, best_epoch, steps, history = -1.0, 0, 0, []
     start = time.perf_counter()
     epoch = 0
@@ -75,7 +82,11 @@ def fit(
         acc = validate()
         history.append({"epoch": epoch, "loss": total / count, "val_accuracy": acc})
         if acc > best_acc:
-            best_acc, best_epoch, best_state = acc, epoch, copy.deepcopy(modules.state_dict())
+            best_acc, best_epoch = acc, epoch
+            if cfg.keep == "best":
+                best_state = copy.deepcopy(modules.state_dict())
+        if cfg.keep == "average":
+            _accumulate(summed, modules, trained)
         if progress is not None:
             progress(
                 {
@@ -91,7 +102,32 @@ def fit(
         log.debug("%s epoch %d loss %.4f val %.4f", stage, epoch, total / count, acc)
         if cfg.patience is not None and epoch - best_epoch >= cfg.patience:
             break
-    modules.load_state_dict(best_state)
+    kept_acc, kept_epoch = best_acc, best_epoch
+    if cfg.keep == "best":
+        modules.load_state_dict(best_state)
+    elif cfg.keep == "last":
+        kept_acc, kept_epoch = history[-1]["val_accuracy"], epoch
+    else:  # average: the mean weights are a model no epoch validated
+        modules.load_state_dict({name: total / epoch for name, total in summed.items()}, strict=False)
+        kept_acc, kept_epoch = validate(), epoch
     seconds = time.perf_counter() - start
-    log.info("%s: best val accuracy %.4f at epoch %d of %d (%.1fs)", stage, best_acc, best_epoch, epoch, seconds)
-    return FitResult(best_epoch, best_acc, epoch, seconds, steps, history)
+    log.info(
+        "%s: kept the %s weights, val accuracy %.4f (best %.4f at epoch %d of %d; %.1fs)",
+        stage,
+        cfg.keep,
+        kept_acc,
+        best_acc,
+        best_epoch,
+        epoch,
+        seconds,
+    )
+    return FitResult(kept_epoch, kept_acc, epoch, seconds, steps, history)
+
+
+def _accumulate(summed: dict[str, torch.Tensor], modules: nn.Module, names: list[str]) -> None:
+    state = modules.state_dict()
+    for name in names:
+        if name in summed:
+            summed[name] += state[name]
+        else:
+            summed[name] = state[name].detach().clone()
