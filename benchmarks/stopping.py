@@ -1,0 +1,282 @@
+"""Stage 2's stopping rule, measured on one trajectory per run: `python benchmarks/stopping.py --seeds 0 1 2`.
+
+The default recipe keeps stage 2's best epoch by validation accuracy (patience 3). With 5 shots and 10 validation
+queries per intent (150 rows, 0.67 points each) that choice is noisy. Here every run trains stage 2 of the default
+recipe (distill + transfer, noisy student) for a fixed `--epochs` without early stopping, keeps every epoch's
+student, and scores on the test rows, from that one trajectory, the rules a recipe could use:
+
+    best_val      the best validation epoch, stopping after `--patience` epochs without a new best (the default;
+                  the same weights as transfer.json's distill_transfer_noisy: checked when that cache is there)
+    average_to_stop  the same stop, keeping the mean of the weights of every epoch run (`keep: average`; the
+                  stop is cut at `--epochs`: exact for the runs whose stop falls within them, counted as
+                  `stop_within_epochs`)
+    last_k        a fixed budget of k epochs, the last epoch's weights (`stage2: {epochs: k, patience: null,
+                  keep: last}`)
+    average_k     a fixed budget of k epochs, the mean of the k epochs' weights (`keep: average`)
+
+Training does not depend on the rule (shuffling and hidden word-pieces are seeded per epoch), so the rules differ
+only in the weights they keep. Data, teachers and settings are those of `accuracy.py --unlabeled 50` (same cache
+folder). Writes benchmarks/results/stopping.{json,md,png}; runs are cached under --workdir/stopping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accuracy import cached_runs, subsample_validation, teacher_artifacts
+from transfer import tenant_file
+
+from adistill.backbone import load_backbone
+from adistill.config import RecipeConfig, TrainConfig, TransferConfig
+from adistill.data import read_tenant_data
+from adistill.recipes import stage2
+from adistill.recipes.evaluate import accuracy
+from adistill.recipes.stage1 import train_adapter
+from adistill.store.artifact import load_artifact
+
+log = logging.getLogger("stopping")
+
+
+@contextlib.contextmanager
+def epoch_snapshots(snaps: list[dict[str, torch.Tensor]]):
+    """While active, stage 2's training loop copies the student's weights into `snaps` after every epoch (its
+    validation callback is wrapped; the loop itself is unchanged)."""
+    real_fit = stage2.fit
+
+    def fit(stage, modules, step, validate, train, cfg, seed, progress=None):
+        student = modules["student"] if "student" in modules else modules
+
+        def snapshot_then_validate() -> float:
+            snaps.append({k: t.detach().clone() for k, t in student.state_dict().items()})
+            return validate()
+
+        return real_fit(stage, modules, step, snapshot_then_validate, train, cfg, seed, progress)
+
+    stage2.fit = fit
+    try:
+        yield
+    finally:
+        stage2.fit = real_fit
+
+
+def best_val_epoch(val: list[float], patience: int) -> int:
+    """The epoch `recipes.loop.fit` keeps with this patience (1-based)."""
+    best, best_epoch = -1.0, 0
+    for epoch, acc in enumerate(val, 1):
+        if acc > best:
+            best, best_epoch = acc, epoch
+        if epoch - best_epoch >= patience:
+            break
+    return best_epoch
+
+
+def run_one(backbone, domain, shots, seed, teachers, cfg, args, workdir: Path) -> dict[str, Any]:
+    data = subsample_validation(
+        read_tenant_data(str(tenant_file(domain, shots, seed, args.unlabeled, workdir / "transfer" / "data"))),
+        args.val_per_label,
+        seed,
+    )
+    cfg = cfg.replace(shots=shots, seed=seed)
+    stage1, _ = train_adapter(backbone, data, cfg)
+    snaps: list[dict[str, torch.Tensor]] = []
+    t0 = time.perf_counter()
+    with epoch_snapshots(snaps):
+        student, fit = stage2.distill(backbone, data, cfg, stage1, teachers)
+    seconds = time.perf_counter() - t0
+
+    def scored(state: dict[str, torch.Tensor]) -> float:
+        student.load_state_dict(state)
+        return accuracy(backbone, student, data.test, cfg.max_length)
+
+    mean = lambda states: {k: sum(s[k] for s in states) / len(states) for k in states[0]}  # noqa: E731
+    row: dict[str, Any] = {"tenant": domain, "shots": shots, "seed": seed}
+    row["adapter"] = {"test_accuracy": accuracy(backbone, stage1, data.test, cfg.max_length)}
+    row["stage2_seconds"] = round(seconds, 1)
+    row["val"] = [h["val_accuracy"] for h in fit.history]
+    row["last"] = [scored(s) for s in snaps]
+    row["average"] = [scored(mean(snaps[:k])) for k in range(1, len(snaps) + 1)]
+    cached = workdir / "transfer" / "runs" / f"{domain}-k{shots}-s{seed}-n{args.unlabeled}.json"
+    if cached.exists():  # the same stage 1 and, under best_val, the same student as transfer.json's default row
+        ref = json.loads(cached.read_text())
+        assert ref["adapter"]["test_accuracy"] == row["adapter"]["test_accuracy"], "stage 1 did not repeat itself"
+        epoch = best_val_epoch(row["val"], args.patience)
+        assert ref["distill_transfer_noisy"]["test_accuracy"] == row["last"][epoch - 1], "best_val differs"
+    return row
+
+
+def _stderr(values: list[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
+def rules(row: dict[str, Any], patience: int) -> dict[str, float]:
+    """Test accuracy (%) of every rule on one run."""
+    best = best_val_epoch(row["val"], patience)
+    stop = min(best + patience, len(row["val"]))
+    out = {"best_val": 100 * row["last"][best - 1], "average_to_stop": 100 * row["average"][stop - 1]}
+    for kind in ("last", "average"):
+        out.update({f"{kind}_{k}": 100 * acc for k, acc in enumerate(row[kind], 1)})
+    return out
+
+
+def summarise(rows: list[dict[str, Any]], patience: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for shots in sorted({r["shots"] for r in rows}):
+        sub = [r for r in rows if r["shots"] == shots]
+        scored = [rules(r, patience) for r in sub]
+        adapter = [100 * r["adapter"]["test_accuracy"] for r in sub]
+        cell: dict[str, Any] = {"runs": len(sub), "seeds": sorted({r["seed"] for r in sub})}
+        cell["adapter"] = statistics.mean(adapter)
+        timed = [r["stage2_seconds"] / len(r["val"]) for r in sub if r.get("stage2_seconds")]
+        cell["seconds_per_epoch"] = statistics.mean(timed) if timed else None
+        stops = [best_val_epoch(r["val"], patience) + patience for r in sub]
+        cell["best_val_epochs_run"] = statistics.mean(min(len(r["val"]), s) for s, r in zip(stops, sub))
+        cell["stop_within_epochs"] = sum(s <= len(r["val"]) for s, r in zip(stops, sub))
+        for name in scored[0]:
+            acc = [s[name] for s in scored]
+            gain = [a - b for a, b in zip(acc, adapter)]
+            vs_best = [s[name] - s["best_val"] for s in scored]
+            cell[name] = {
+                "mean": statistics.mean(acc),
+                "gain_over_adapter": statistics.mean(gain),
+                "gain_stderr": _stderr(gain),
+                "wins": sum(g > 0 for g in gain),
+                "losses": sum(g < 0 for g in gain),
+                "over_best_val": statistics.mean(vs_best),
+                "over_best_val_stderr": _stderr(vs_best),
+            }
+        epochs = len(sub[0]["val"])
+        cell["per_seed"] = {
+            str(seed): {
+                name: statistics.mean(s[name] - a for s, a, r in zip(scored, adapter, sub) if r["seed"] == seed)
+                for name in ("best_val", "average_to_stop", f"last_{epochs}", f"average_{epochs}")
+            }
+            for seed in cell["seeds"]
+        }
+        out[str(shots)] = cell
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["meta"]
+    lines = ["# Stage 2's stopping rule (one trajectory per run)", ""]
+    lines += [f"Backbone {m['backbone']} (frozen), {m['machine']}, seeds {m['seeds']}, {m['date']}.", ""]
+    lines += [
+        f"Default recipe (distill + transfer, noisy student), stage 2 trained {m['epochs']} epochs without early "
+        f"stopping; `best_val` = best validation epoch with patience {m['patience']} (the default), `last_k` / "
+        f"`average_k` = a fixed budget of k epochs keeping the last / the mean weights. Validation: "
+        f"{m['val_per_label']} queries per intent. Gains are paired over the stage-1 adapter, mean ± s.e.",
+        "",
+    ]
+    for shots, cell in report["summary"].items():
+        lines += [f"## {shots} shots, {cell['runs']} runs (adapter {cell['adapter']:.2f} %)", ""]
+        lines += [
+            f"Stage 2: {cell['seconds_per_epoch'] or 0:.1f} s an epoch; `best_val` runs "
+            f"{cell['best_val_epochs_run']:.1f} epochs on average; its stop falls within the {m['epochs']} "
+            f"epochs in {cell['stop_within_epochs']} of {cell['runs']} runs (`average_to_stop` is exact for those).",
+            "",
+        ]
+        lines += ["| rule | test % | gain over adapter | wins / losses | over best_val |", "|---|---|---|---|---|"]
+        for name, s in cell.items():
+            if isinstance(s, dict) and "mean" in s:
+                lines.append(
+                    f"| {name} | {s['mean']:.2f} | {s['gain_over_adapter']:+.2f} ± {s['gain_stderr']:.2f} | "
+                    f"{s['wins']} / {s['losses']} | {s['over_best_val']:+.2f} ± {s['over_best_val_stderr']:.2f} |"
+                )
+        names = list(next(iter(cell["per_seed"].values())))
+        lines += ["", "Gain over the adapter per seed:", "", "| seed | " + " | ".join(names) + " |"]
+        lines.append("|---" * (1 + len(names)) + "|")
+        for seed, gains in cell["per_seed"].items():
+            lines.append(f"| {seed} | " + " | ".join(f"{g:+.2f}" for g in gains.values()) + " |")
+        lines.append("")
+    if m["note"]:
+        lines += [m["note"], ""]
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = report["summary"]
+    fig, axes = plt.subplots(1, len(cells), figsize=(6 * len(cells), 4), squeeze=False)
+    for ax, (shots, cell) in zip(axes[0], cells.items()):
+        epochs = range(1, report["meta"]["epochs"] + 1)
+        for kind in ("last", "average"):
+            gains = [cell[f"{kind}_{k}"]["gain_over_adapter"] for k in epochs]
+            errs = [cell[f"{kind}_{k}"]["gain_stderr"] for k in epochs]
+            ax.errorbar(list(epochs), gains, yerr=errs, marker="o", capsize=3, label=f"{kind} weights, k epochs")
+        ax.axhline(cell["best_val"]["gain_over_adapter"], color="gray", ls="--", label="best_val (default)")
+        ax.axhline(cell["average_to_stop"]["gain_over_adapter"], color="green", ls=":", label="average_to_stop")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xlabel("stage-2 epochs (fixed budget)")
+        ax.set_ylabel("test accuracy gain over adapter (points)")
+        ax.set_title(f"{shots} shots, {cell['runs']} runs (bars: ±1 s.e.)", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shots", type=int, nargs="+", default=[5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--tenants", nargs="+", default=None)
+    p.add_argument("--epochs", type=int, default=10, help="stage-2 epochs of every run (no early stopping)")
+    p.add_argument("--patience", type=int, default=3, help="best_val's patience (the default recipe's)")
+    p.add_argument("--unlabeled", type=int, default=50)
+    p.add_argument("--val-per-label", type=int, default=10)
+    p.add_argument("--workdir", default="runs/accuracy")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--note", default="")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    torch.manual_seed(0)
+    workdir, out = Path(args.workdir), Path(args.out)
+    backbone = load_backbone()
+    loaded = {d: load_artifact(path, backbone) for d, path in teacher_artifacts(backbone, workdir, 8).items()}
+    cfg = RecipeConfig(
+        stage1=TrainConfig(epochs=30, lr=1e-3, patience=8),
+        stage2=TrainConfig(epochs=args.epochs, lr=5e-4, patience=None),
+        transfer=TransferConfig(student_noise=0.2),
+    )
+    rows = cached_runs(
+        args,
+        workdir / "stopping" / "runs",
+        f"-n{args.unlabeled}-e{args.epochs}",
+        loaded,
+        ["adapter"],
+        lambda domain, shots, seed, peers, _: run_one(backbone, domain, shots, seed, peers, cfg, args, workdir),
+    )
+    meta = {
+        "backbone": backbone.name,
+        "machine": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "date": time.strftime("%Y-%m-%d"),
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "unlabeled_per_intent": args.unlabeled,
+        "val_per_label": args.val_per_label,
+        "stage1": cfg.stage1.to_dict(),
+        "note": args.note,
+    }
+    report = {"meta": meta, "summary": summarise(rows, args.patience), "runs": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stopping.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "stopping.md").write_text(markdown(report))
+    chart(report, out / "stopping.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
