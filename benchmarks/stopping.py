@@ -113,6 +113,17 @@ def run_one(backbone, domain, shots, seed, teachers, cfg, args, workdir: Path) -
     return row
 
 
+# transfer.json's baselines on the same runs (same data, same stage 1), for the targets
+BASELINES = ("fusion", "self_training", "distill_transfer_neighbours")
+
+
+def add_baselines(rows: list[dict[str, Any]], workdir: Path, unlabeled: int) -> None:
+    for row in rows:
+        cached = workdir / "transfer" / "runs" / f"{row['tenant']}-k{row['shots']}-s{row['seed']}-n{unlabeled}.json"
+        ref = json.loads(cached.read_text()) if cached.exists() else {}
+        row["baselines"] = {m: ref[m]["test_accuracy"] for m in BASELINES if m in ref}
+
+
 def _stderr(values: list[float]) -> float:
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
 
@@ -154,6 +165,15 @@ def summarise(rows: list[dict[str, Any]], patience: int) -> dict[str, Any]:
                 "over_best_val_stderr": _stderr(vs_best),
             }
         epochs = len(sub[0]["val"])
+        cell["versus"] = {  # paired, in points: a rule's test accuracy minus a baseline's on the same run
+            f"{name} - {base}": {
+                "mean": statistics.mean(diffs := [s[name] - 100 * r["baselines"][base] for s, r in zip(scored, sub)]),
+                "stderr": _stderr(diffs),
+            }
+            for name in ("best_val", f"last_{epochs}", f"average_{epochs}")
+            for base in BASELINES
+            if all(base in r.get("baselines", {}) for r in sub)
+        }
         cell["per_seed"] = {
             str(seed): {
                 name: statistics.mean(s[name] - a for s, a, r in zip(scored, adapter, sub) if r["seed"] == seed)
@@ -191,6 +211,8 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {name} | {s['mean']:.2f} | {s['gain_over_adapter']:+.2f} ± {s['gain_stderr']:.2f} | "
                     f"{s['wins']} / {s['losses']} | {s['over_best_val']:+.2f} ± {s['over_best_val_stderr']:.2f} |"
                 )
+        lines += ["Against transfer.json's rows on the same runs (paired, points):", ""]
+        lines += [f"- {pair}: {v['mean']:+.2f} ± {v['stderr']:.2f}" for pair, v in cell["versus"].items()]
         names = list(next(iter(cell["per_seed"].values())))
         lines += ["", "Gain over the adapter per seed:", "", "| seed | " + " | ".join(names) + " |"]
         lines.append("|---" * (1 + len(names)) + "|")
@@ -258,6 +280,7 @@ def main() -> None:
         ["adapter"],
         lambda domain, shots, seed, peers, _: run_one(backbone, domain, shots, seed, peers, cfg, args, workdir),
     )
+    add_baselines(rows, workdir, args.unlabeled)
     meta = {
         "backbone": backbone.name,
         "machine": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
