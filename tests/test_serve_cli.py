@@ -78,7 +78,7 @@ def test_sigterm_to_the_process_group_stops_serve_cleanly(registry: Registry, ti
     try:
         deadline = time.monotonic() + 240
         while not any("Ctrl-C to stop" in line for line in lines):  # the start-up line: the app is up
-            assert proc.poll() is None, lines
+            assert proc.poll() is None, "exited before serving:\n" + "".join(lines)  # all of its stderr
             assert time.monotonic() < deadline, f"not serving within 240 s: {lines}"
             time.sleep(0.5)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).status_code == 200
@@ -160,7 +160,7 @@ def test_behind_haproxy_a_replica_killed_mid_request_loses_no_request(
     try:
         deadline = time.monotonic() + 240
         while not any("Ctrl-C to stop" in line for line in lines) or len(replica_processes(proc.pid)) < 2:
-            assert proc.poll() is None, lines
+            assert proc.poll() is None, "exited before serving:\n" + "".join(lines)  # all of its stderr
             assert time.monotonic() < deadline, f"not serving 2 replicas within 240 s: {lines}"
             time.sleep(0.5)
         load.start()
