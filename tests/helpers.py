@@ -166,15 +166,29 @@ def random_tenant(
 # ------------------------------------------------------------------------------------------------ free ports
 
 
+# Outside the kernel's ephemeral range (32768-60999 here) and Ray's own ranges (worker ports 10002-19999 under
+# `ray start`, Serve's per-replica ingress ports from 30000): a port chosen by binding port 0 is ephemeral, and a
+# local Ray started after the choice can take it for one of its own sockets before Serve binds it (seen once in CI:
+# "Failed to bind to address '127.0.0.1:46431'").
+TEST_PORTS = range(20000, 30000)
+
+
 def free_ports(n: int) -> list[int]:
-    """`n` distinct ports free on 127.0.0.1 (all held open together while chosen, so none repeats)."""
-    sockets = []
+    """`n` distinct ports free on 127.0.0.1, from TEST_PORTS (all held open together while chosen, so none
+    repeats)."""
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(n):
+        for port in random.SystemRandom().sample(TEST_PORTS, len(TEST_PORTS)):  # unaffected by seeded `random`
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             sockets.append(s)
-        return [int(s.getsockname()[1]) for s in sockets]
+            if len(sockets) == n:
+                return [int(s.getsockname()[1]) for s in sockets]
+        raise RuntimeError(f"fewer than {n} free ports in {TEST_PORTS}")
     finally:
         for s in sockets:
             s.close()
