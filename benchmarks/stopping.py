@@ -137,14 +137,13 @@ def run_one(backbone, domain, shots, seed, teachers, cfg, args, workdir: Path, m
     if cached.exists():  # the same stage 1 and, under best_val, the same model as transfer.json's row of `method`
         ref = json.loads(cached.read_text())
         assert ref["adapter"]["test_accuracy"] == row["adapter"]["test_accuracy"], "stage 1 did not repeat itself"
-        default = ref[method]["test_accuracy"]
-        if best_val_epoch(row["val"], args.patience) + args.patience <= args.epochs:
+        recorded, epoch = ref[method]["test_accuracy"], best_val_epoch(row["val"], args.patience)
+        if epoch + args.patience <= args.epochs:
             # the fusion does not repeat itself to the last bit (transfer.py says so too): its row is kept, not checked
-            ok = default == row["last"][best_val_epoch(row["val"], args.patience) - 1]
-            assert ok or method == "fusion", "best_val differs"
-            row["transfer_json_test_accuracy"] = default
-        else:  # the default recipe's stage 2 ran past this trajectory: its own result is best_val's
-            row["best_val_beyond"] = default
+            assert recorded == row["last"][epoch - 1] or method == "fusion", "best_val differs"
+            row["transfer_json_test_accuracy"] = recorded
+        else:  # transfer.json's run of `method` went past this trajectory: its own result is best_val's
+            row["best_val_beyond"] = recorded
     return row
 
 
