@@ -20,6 +20,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,6 +61,17 @@ def teacher_artifacts(backbone, workdir: Path, epochs: int) -> dict[str, Path]:
             )
         out[domain] = path
     return out
+
+
+def start_transfer_benchmark(workdir: Path) -> tuple[Any, dict[str, Any], TrainConfig]:
+    """What the benchmarks over `--unlabeled` runs share (stopping.py, teacher_signal.py): logging, the seed, the
+    backbone, the 10 domains' teachers (trained into `workdir` as here when missing) and stage 1's settings of
+    `--unlabeled 50` (30 epochs, patience 8), so their stage 1 repeats this benchmark's."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    torch.manual_seed(0)
+    backbone = load_backbone()
+    loaded = {d: load_artifact(path, backbone) for d, path in teacher_artifacts(backbone, workdir, 8).items()}
+    return backbone, loaded, TrainConfig(epochs=30, lr=1e-3, patience=8)
 
 
 def subsample_validation(data, per_label: int | None, seed: int):

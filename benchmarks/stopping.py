@@ -39,11 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accuracy import cached_runs, subsample_validation, teacher_artifacts
+from accuracy import cached_runs, start_transfer_benchmark, subsample_validation
 from torch import nn
 from transfer import tenant_file
 
-from adistill.backbone import load_backbone
 from adistill.config import RecipeConfig, TrainConfig, TransferConfig
 from adistill.data import read_tenant_data
 from adistill.datasets import clinc150
@@ -51,7 +50,6 @@ from adistill.recipes import baselines, self_training, stage2
 from adistill.recipes import loop as recipe_loop
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.stage1 import train_adapter
-from adistill.store.artifact import load_artifact
 
 log = logging.getLogger("stopping")
 
@@ -384,13 +382,10 @@ def main() -> None:
         "--cached-only", action="store_true", help="report the runs of the arguments already cached; train none"
     )
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    torch.manual_seed(0)
     workdir, out = Path(args.workdir), Path(args.out)
-    backbone = load_backbone()
-    loaded = {d: load_artifact(path, backbone) for d, path in teacher_artifacts(backbone, workdir, 8).items()}
+    backbone, loaded, stage1 = start_transfer_benchmark(workdir)
     cfg = RecipeConfig(
-        stage1=TrainConfig(epochs=30, lr=1e-3, patience=8),
+        stage1=stage1,
         stage2=TrainConfig(epochs=args.epochs, lr=5e-4, patience=None),
         transfer=TransferConfig(student_noise=0.2),
     )
