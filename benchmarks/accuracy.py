@@ -74,6 +74,11 @@ def start_transfer_benchmark(workdir: Path) -> tuple[Any, dict[str, Any], TrainC
     return backbone, loaded, TrainConfig(epochs=30, lr=1e-3, patience=8)
 
 
+def stderr(values: list[float]) -> float:
+    """The standard error of the mean (0 for a single value)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
 def subsample_validation(data, per_label: int | None, seed: int):
     """Keep `per_label` in-scope validation rows per intent (seeded): model selection on fewer rows, for CPU time."""
     if per_label is None:

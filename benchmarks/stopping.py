@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accuracy import cached_runs, start_transfer_benchmark, subsample_validation
+from accuracy import cached_runs, start_transfer_benchmark, stderr, subsample_validation
 from torch import nn
 from transfer import tenant_file
 
@@ -156,10 +156,6 @@ def add_baselines(rows: list[dict[str, Any]], workdir: Path, unlabeled: int) -> 
         row["baselines"] = {m: ref[m]["test_accuracy"] for m in BASELINES if m in ref}
 
 
-def _stderr(values: list[float]) -> float:
-    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-
-
 def rules(row: dict[str, Any], patience: int) -> dict[str, float]:
     """Test accuracy (%) of every rule on one run."""
     best = best_val_epoch(row["val"], patience)
@@ -193,17 +189,17 @@ def summarise(rows: list[dict[str, Any]], patience: int, controls: dict[str, lis
             cell[name] = {
                 "mean": statistics.mean(acc),
                 "gain_over_adapter": statistics.mean(gain),
-                "gain_stderr": _stderr(gain),
+                "gain_stderr": stderr(gain),
                 "wins": sum(g > 0 for g in gain),
                 "losses": sum(g < 0 for g in gain),
                 "over_best_val": statistics.mean(vs_best),
-                "over_best_val_stderr": _stderr(vs_best),
+                "over_best_val_stderr": stderr(vs_best),
             }
         epochs = len(sub[0]["val"])
         cell["versus"] = {  # paired, in points: a rule's test accuracy minus a baseline's on the same run
             f"{name} - {base}": {
                 "mean": statistics.mean(diffs := [s[name] - 100 * r["baselines"][base] for s, r in zip(scored, sub)]),
-                "stderr": _stderr(diffs),
+                "stderr": stderr(diffs),
             }
             for name in ("best_val", f"last_{epochs}", f"average_{epochs}")
             for base in BASELINES
@@ -247,13 +243,13 @@ def compare_control(rows: list[dict[str, Any]], scored: list[dict[str, float]], 
         "runs": sum(a != b for a, b in ref),
         "mean_difference": statistics.mean(a - b for a, b in ref) if ref else 0.0,
     }
-    out["gain_over_adapter"] = {n: {"mean": statistics.mean(g), "stderr": _stderr(g)} for n, g in gains.items()}
+    out["gain_over_adapter"] = {n: {"mean": statistics.mean(g), "stderr": stderr(g)} for n, g in gains.items()}
     pairs = [("best_val", "best_val"), (f"last_{epochs}", "best_val"), (f"last_{epochs}", f"last_{epochs}")]
     pairs.append((f"last_{epochs}", f"last_{hindsight}"))
     out["default_minus_control"] = {
         f"{ours} - {rule}": {
             "mean": statistics.mean(d := [t[ours] - m[rule] for t, m in zip(theirs, mine)]),
-            "stderr": _stderr(d),
+            "stderr": stderr(d),
             "wins": sum(x > 0 for x in d),
             "losses": sum(x < 0 for x in d),
         }

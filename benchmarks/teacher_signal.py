@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accuracy import cached_runs, start_transfer_benchmark, subsample_validation
+from accuracy import cached_runs, start_transfer_benchmark, stderr, subsample_validation
 from transfer import tenant_file
 
 from adistill.config import RecipeConfig, TrainConfig
@@ -77,18 +77,20 @@ def own_share(backbone, model: TenantModel, texts: list[str], max_length: int, b
     return route.total / route.count
 
 
-def scored(backbone, model: TenantModel, texts: list[str], truth: list[str], cfg: RecipeConfig) -> dict[str, Any]:
-    """Predictions on `texts`, accuracy against `truth` and the mean target probability of the true intent."""
+def scored(backbone, model: TenantModel, texts: list[str], truth: torch.Tensor, cfg: RecipeConfig) -> dict[str, Any]:
+    """Predictions on `texts`, accuracy against the label ids `truth` and the mean target probability of the truth."""
     logits = predict_logits(backbone, model, texts, cfg.max_length)
-    index = torch.tensor([model.labels.index(y) for y in truth])
     target = (logits / cfg.distill.temperature).softmax(-1)
     predicted = logits.argmax(-1)
     return {
         "predicted": predicted,
-        "accuracy": float((predicted == index).float().mean()),
-        "p_true": float(target[torch.arange(len(texts)), index].mean()),
-        "index": index,
+        "accuracy": float((predicted == truth).float().mean()),
+        "p_true": float(target[torch.arange(len(texts)), truth].mean()),
     }
+
+
+# transfer.json's stage-2 rows on the same runs: what the students reached from these signals
+DISTILLED = ("distill_transfer_noisy", "transfer_no_teachers_noisy", "distill_transfer_fitted")
 
 
 def run_one(backbone, domain, shots, seed, teachers, cfg: RecipeConfig, args, workdir: Path) -> dict[str, Any]:
@@ -101,8 +103,8 @@ def run_one(backbone, domain, shots, seed, teachers, cfg: RecipeConfig, args, wo
     full = read_tenant_data(clinc150.tenant_path(domain))
     labels = dict(zip(full.train.texts, full.train.labels))
     texts = [t for t in data.unlabeled if t in labels]  # in scope: the out-of-scope rows have no intent to score
-    truth = [labels[t] for t in texts]
     stage1, _ = train_adapter(backbone, data, cfg)
+    truth = torch.tensor([stage1.labels.index(labels[t]) for t in texts])  # every model keeps stage 1's labels
     models = {"adapter": stage1}
     t0 = time.perf_counter()
     models["fusion"], fit = train_fusion(backbone, data, cfg, stage1, teachers)
@@ -118,12 +120,12 @@ def run_one(backbone, domain, shots, seed, teachers, cfg: RecipeConfig, args, wo
         }
     row["fusion"] |= {"best_epoch": fit.best_epoch, "seconds": round(fusion_seconds, 1)}
     row["fusion_own"]["best_epoch"] = fit_own.best_epoch
-    a, f, truth_index = results["adapter"]["predicted"], results["fusion"]["predicted"], results["adapter"]["index"]
+    a, f = results["adapter"]["predicted"], results["fusion"]["predicted"]
     differ = a != f
     row["disagree"] = {
         "rows": int(differ.sum()),
-        "fusion_right": int((f[differ] == truth_index[differ]).sum()),
-        "adapter_right": int((a[differ] == truth_index[differ]).sum()),
+        "fusion_right": int((f[differ] == truth[differ]).sum()),
+        "adapter_right": int((a[differ] == truth[differ]).sum()),
     }
     row["fusion"]["own_share"] = own_share(backbone, models["fusion"], texts, cfg.max_length)
     cached = workdir / "transfer" / "runs" / f"{domain}-k{shots}-s{seed}-n{args.unlabeled}.json"
@@ -135,13 +137,8 @@ def run_one(backbone, domain, shots, seed, teachers, cfg: RecipeConfig, args, wo
     return row
 
 
-# transfer.json's stage-2 rows on the same runs: what the students reached from these signals
-DISTILLED = ("distill_transfer_noisy", "transfer_no_teachers_noisy", "distill_transfer_fitted")
-
-
 def _mean_se(values: list[float]) -> tuple[float, float]:
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return statistics.mean(values), se
+    return statistics.mean(values), stderr(values)
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:

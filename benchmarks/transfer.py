@@ -43,7 +43,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from accuracy import cached_runs, subsample_validation
+from accuracy import cached_runs, stderr, subsample_validation
 
 from adistill.config import RecipeConfig, TransferConfig
 from adistill.data import OOS_LABEL, few_shot, read_tenant_data
@@ -200,10 +200,6 @@ def run_one(
     return row
 
 
-def _stderr(values: list[float]) -> float:
-    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-
-
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per shots: per-method mean test accuracy (%) at the top level, and per method its s.e., paired gain over
     `adapter` (mean ± s.e., wins/losses), seconds, epochs; the targets; the stage-2 time saved by early stopping."""
@@ -219,9 +215,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             cell[m] = statistics.mean(acc)
             stats[m] = {
                 "mean": statistics.mean(acc),
-                "stderr": _stderr(acc),
+                "stderr": stderr(acc),
                 "gain_over_adapter": statistics.mean(gain),
-                "gain_stderr": _stderr(gain),
+                "gain_stderr": stderr(gain),
                 "wins": sum(g > 0 for g in gain),
                 "losses": sum(g < 0 for g in gain),
                 "seconds": statistics.mean(r[m]["train_seconds"] for r in sub),
