@@ -136,7 +136,7 @@ def run_one(backbone, domain, shots, seed, teachers, cfg, args, workdir: Path, m
         ref = json.loads(cached.read_text())
         assert ref["adapter"]["test_accuracy"] == row["adapter"]["test_accuracy"], "stage 1 did not repeat itself"
         recorded, epoch = ref[method]["test_accuracy"], best_val_epoch(row["val"], args.patience)
-        if epoch + args.patience <= args.epochs:
+        if epoch + args.patience <= len(row["val"]):
             # the fusion does not repeat itself to the last bit (transfer.py says so too): its row is kept, not checked
             assert recorded == row["last"][epoch - 1] or method == "fusion", "best_val differs"
             row["transfer_json_test_accuracy"] = recorded
@@ -227,7 +227,7 @@ def compare_control(rows: list[dict[str, Any]], scored: list[dict[str, float]], 
     mine = [rules(r, patience) for r in runs]
     theirs = [by_run[(r["tenant"], r["seed"])] for r in runs]
     adapter = [100 * r["adapter"]["test_accuracy"] for r in runs]
-    epochs = len(runs[0]["val"])
+    epochs, ours = len(runs[0]["val"]), f"last_{len(rows[0]['val'])}"  # the control's budget; the default's
     gains = {
         name: [m[name] - a for m, a in zip(mine, adapter)]
         for name in ("best_val", *(f"last_{k}" for k in range(1, epochs + 1)))
@@ -244,8 +244,9 @@ def compare_control(rows: list[dict[str, Any]], scored: list[dict[str, float]], 
         "mean_difference": statistics.mean(a - b for a, b in ref) if ref else 0.0,
     }
     out["gain_over_adapter"] = {n: {"mean": statistics.mean(g), "stderr": stderr(g)} for n, g in gains.items()}
-    pairs = [("best_val", "best_val"), (f"last_{epochs}", "best_val"), (f"last_{epochs}", f"last_{epochs}")]
-    pairs.append((f"last_{epochs}", f"last_{hindsight}"))
+    # its validation stop; the default's budget (if it ran that long); its whole budget; its best in hindsight
+    rules_of_control = ["best_val", ours, f"last_{epochs}", f"last_{hindsight}"]
+    pairs = [("best_val", "best_val")] + [(ours, rule) for rule in dict.fromkeys(rules_of_control) if rule in gains]
     out["default_minus_control"] = {
         f"{ours} - {rule}": {
             "mean": statistics.mean(d := [t[ours] - m[rule] for t, m in zip(theirs, mine)]),
@@ -302,12 +303,12 @@ def markdown(report: dict[str, Any]) -> str:
 def control_lines(controls: dict[str, Any]) -> list[str]:
     lines = ["Controls trained the same way (every epoch kept, the same runs; gains over the adapter, points):", ""]
     lines += ["| control | runs | best_val | last_E (E epochs) | best fixed k in hindsight |", "|---|---|---|---|---|"]
+    gain = lambda g, rule: f"{g[rule]['mean']:+.2f} ± {g[rule]['stderr']:.2f}"  # noqa: E731
     for method, c in controls.items():
-        g = c["gain_over_adapter"]
-        last, hind = g[f"last_{c['epochs']}"], f"last_{c['best_fixed_epochs']}"
+        g, last, hind = c["gain_over_adapter"], f"last_{c['epochs']}", f"last_{c['best_fixed_epochs']}"
         lines.append(
-            f"| {method} | {c['runs']} | {g['best_val']['mean']:+.2f} ± {g['best_val']['stderr']:.2f} | "
-            f"{last['mean']:+.2f} ± {last['stderr']:.2f} | {hind}: {g[hind]['mean']:+.2f} ± {g[hind]['stderr']:.2f} |"
+            f"| {method} | {c['runs']} | {gain(g, 'best_val')} | {gain(g, last)} ({c['epochs']}) | "
+            f"{hind}: {gain(g, hind)} |"
         )
     lines += [
         f"{m}: its own validation stop differs from transfer.json's row on {c['best_val_unlike_transfer_json']['runs']}"
@@ -342,8 +343,9 @@ def chart(report: dict[str, Any], path: Path) -> None:
             errs = [cell[f"{kind}_{k}"]["gain_stderr"] for k in epochs]
             ax.errorbar(list(epochs), gains, yerr=errs, marker="o", capsize=3, label=f"{kind} weights, k epochs")
         for method, c in cell.get("controls", {}).items():  # their runs may be a subset of the default's
-            gains = [c["gain_over_adapter"][f"last_{k}"]["mean"] for k in epochs]
-            ax.plot(list(epochs), gains, ls="--", marker=".", label=f"{method}, last weights ({c['runs']} runs)")
+            k = range(1, c["epochs"] + 1)  # a control may be given a longer budget than the default
+            gains = [c["gain_over_adapter"][f"last_{i}"]["mean"] for i in k]
+            ax.plot(list(k), gains, ls="--", marker=".", label=f"{method}, last weights ({c['runs']} runs)")
         ax.axhline(cell["best_val"]["gain_over_adapter"], color="gray", ls="--", label="best_val (default)")
         ax.axhline(cell["average_to_stop"]["gain_over_adapter"], color="green", ls=":", label="average_to_stop")
         ax.axhline(0, color="black", lw=0.8)
@@ -374,8 +376,12 @@ def main() -> None:
         choices=[m for m in TRAIN if m != DEFAULT],
         help="also train these rows of transfer.json the same way (fixed budget, every epoch kept), on the same runs",
     )
+    p.add_argument("--control-epochs", type=int, default=None, help="the controls' stage-2 epochs (default: --epochs)")
     p.add_argument(
-        "--cached-only", action="store_true", help="report the runs of the arguments already cached; train none"
+        "--cached-only",
+        action="store_true",
+        help="report the runs of the arguments already cached, train none; a control without --control-epochs is "
+        "reported at its longest budget cached for those shots",
     )
     args = p.parse_args()
     workdir, out = Path(args.workdir), Path(args.out)
@@ -387,23 +393,42 @@ def main() -> None:
     )
 
     def runs(method: str) -> list[dict[str, Any]]:
-        suffix = f"-n{args.unlabeled}-e{args.epochs}" + ("" if method == DEFAULT else f"-{method}")
+        epochs = args.epochs if method == DEFAULT else (args.control_epochs or args.epochs)
         if args.cached_only:
-            return [
-                json.loads(path.read_text())
-                for shots, seed, domain in itertools.product(args.shots, args.seeds, args.tenants or clinc150.domains())
-                if (path := workdir / "stopping" / "runs" / f"{domain}-k{shots}-s{seed}{suffix}.json").exists()
-            ]
+            return [row for shots in args.shots for row in cached(method, shots, epochs)]
         return cached_runs(
             args,
             workdir / "stopping" / "runs",
-            suffix,
+            f"-n{args.unlabeled}-e{epochs}" + ("" if method == DEFAULT else f"-{method}"),
             loaded,
             ["adapter"],
             lambda domain, shots, seed, peers, _: run_one(
-                backbone, domain, shots, seed, peers, cfg, args, workdir, method
+                backbone,
+                domain,
+                shots,
+                seed,
+                peers,
+                cfg.replace(stage2=cfg.stage2.replace(epochs=epochs)),
+                args,
+                workdir,
+                method,
             ),
         )
+
+    def cached(method: str, shots: int, epochs: int) -> list[dict[str, Any]]:
+        def found(epochs: int) -> list[Path]:
+            tail = f"-n{args.unlabeled}-e{epochs}" + ("" if method == DEFAULT else f"-{method}") + ".json"
+            paths = [
+                workdir / "stopping" / "runs" / f"{domain}-k{shots}-s{seed}{tail}"
+                for seed, domain in itertools.product(args.seeds, args.tenants or clinc150.domains())
+            ]
+            return [path for path in paths if path.exists()]
+
+        if method != DEFAULT and args.control_epochs is None:  # the longest budget cached for these shots
+            pattern = f"*-k{shots}-s*-n{args.unlabeled}-e*-{method}.json"
+            budgets = {int(p.name.split("-e")[-1].split("-")[0]) for p in (workdir / "stopping" / "runs").glob(pattern)}
+            epochs = max((e for e in budgets if found(e)), default=epochs)
+        return [json.loads(path.read_text()) for path in found(epochs)]
 
     rows = runs(DEFAULT)
     controls = {method: runs(method) for method in args.controls}
