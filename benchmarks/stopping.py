@@ -1,13 +1,17 @@
 """Stage 2's stopping rule, measured on one trajectory per run: `python benchmarks/stopping.py --seeds 0 1 2`.
 
 The default recipe keeps stage 2's best epoch by validation accuracy (patience 3). With 5 shots and 10 validation
-queries per intent (150 rows, 0.67 points each) that choice is noisy. Here every run trains stage 2 of the default
-recipe (distill + transfer, noisy student) for a fixed `--epochs` without early stopping, keeps every epoch's
-student, and scores on the test rows, from that one trajectory, the rules a recipe could use:
+queries per intent (150 rows, 0.67 points each) that choice is noisy, and ties are common. Here every run trains
+stage 2 of the default recipe (distill + transfer, noisy student) for a fixed `--epochs` without early stopping,
+keeps every epoch's student, and scores on the test rows, from that one trajectory, the rules a recipe could use:
 
-    best_val      the best validation epoch, stopping after `--patience` epochs without a new best (the default;
-                  the same weights as transfer.json's distill_transfer_noisy: checked when that cache is there; where
-                  the default's stop falls after `--epochs`, that row's result, kept as `best_val_beyond`)
+    best_val      the first epoch to reach the best validation accuracy, stopping after `--patience` epochs
+                  without a new best (the former default; the same weights as transfer.json's
+                  distill_transfer_noisy: checked when that cache is there; where its stop falls after `--epochs`,
+                  that row's result, kept as `best_val_beyond`)
+    latest_best   the latest epoch to match the best validation accuracy, patience 3, at most 10 epochs (the
+                  default since 2026-12-05: `stage2: {epochs: 10, patience: 3, ties: later}`; exact on runs of at
+                  least 10 epochs; `--check-default K` trains the library's default on K runs and asserts it)
     average_to_stop  the same stop, keeping the mean of the weights of every epoch run (`keep: average`; the
                   stop is cut at `--epochs`: exact for the runs whose stop falls within them, counted as
                   `stop_within_epochs`)
@@ -15,8 +19,9 @@ student, and scores on the test rows, from that one trajectory, the rules a reci
                   keep: last}`)
     average_k     a fixed budget of k epochs, the mean of the k epochs' weights (`keep: average`)
 
-With `--controls fusion transfer_no_teachers_noisy self_training` the same runs also train those rows of
-transfer.json (AdapterFusion over the teachers; stage 2 without teachers; self-training) for the same fixed budget,
+With `--controls fusion transfer_no_teachers_noisy self_training distill` the same runs also train those rows of
+transfer.json (AdapterFusion over the teachers; stage 2 without teachers; self-training; stage 2 without the
+unlabelled queries) for the same fixed budget,
 every epoch kept, so the default's fixed budget is compared with each control's own validation stop, its own
 fixed budget, and its best fixed budget in hindsight (a choice that favours the control).
 
@@ -50,6 +55,7 @@ from adistill.recipes import baselines, self_training, stage2
 from adistill.recipes import loop as recipe_loop
 from adistill.recipes.evaluate import accuracy
 from adistill.recipes.stage1 import train_adapter
+from adistill.recipes.transfer import TransferInputs
 
 log = logging.getLogger("stopping")
 
@@ -91,14 +97,17 @@ TRAIN = {
         backbone, data, cfg, stage1, []
     ),
     "self_training": lambda backbone, data, cfg, stage1, _: self_training.self_train(backbone, data, cfg, stage1)[:2],
+    "distill": lambda backbone, data, cfg, stage1, teachers: stage2.distill(  # no transfer set: labelled rows only
+        backbone, data, cfg, stage1, teachers, transfer=TransferInputs([], "none")
+    ),
 }
 
 
-def best_val_epoch(val: list[float], patience: int) -> int:
-    """The epoch `recipes.loop.fit` keeps with this patience (1-based)."""
+def best_val_epoch(val: list[float], patience: int, ties: str = "earlier") -> int:
+    """The epoch `recipes.loop.fit` keeps with this patience and `TrainConfig.ties` (1-based)."""
     best, best_epoch = -1.0, 0
     for epoch, acc in enumerate(val, 1):
-        if acc > best:
+        if acc > best or (ties == "later" and acc == best):
             best, best_epoch = acc, epoch
         if epoch - best_epoch >= patience:
             break
@@ -137,12 +146,33 @@ def run_one(backbone, domain, shots, seed, teachers, cfg, args, workdir: Path, m
         assert ref["adapter"]["test_accuracy"] == row["adapter"]["test_accuracy"], "stage 1 did not repeat itself"
         recorded, epoch = ref[method]["test_accuracy"], best_val_epoch(row["val"], args.patience)
         if epoch + args.patience <= len(row["val"]):
-            # the fusion does not repeat itself to the last bit (transfer.py says so too): its row is kept, not checked
-            assert recorded == row["last"][epoch - 1] or method == "fusion", "best_val differs"
+            # the fusion does not repeat itself to the last bit (transfer.py says so too), nor did the distill row on
+            # every run: theirs are kept, not checked (the report counts the runs where they differ)
+            assert recorded == row["last"][epoch - 1] or method in ("fusion", "distill"), "best_val differs"
             row["transfer_json_test_accuracy"] = recorded
         else:  # transfer.json's run of `method` went past this trajectory: its own result is best_val's
             row["best_val_beyond"] = recorded
     return row
+
+
+def check_default(backbone, row: dict[str, Any], teachers, cfg: RecipeConfig, args, workdir: Path) -> float:
+    """Train stage 2 as the library's default recipe does (`RecipeConfig().stage2`: early stopping, the tie rule)
+    on a cached run and assert it keeps the weights `latest_best` picks from that run's trajectory."""
+    default = RecipeConfig().stage2
+    assert (default.epochs, default.patience, default.ties) == (LATEST["epochs"], LATEST["patience"], "later")
+    shots, seed = row["shots"], row["seed"]
+    data = subsample_validation(
+        read_tenant_data(str(tenant_file(row["tenant"], shots, seed, args.unlabeled, workdir / "transfer" / "data"))),
+        args.val_per_label,
+        seed,
+    )
+    cfg = cfg.replace(shots=shots, seed=seed, stage2=default)
+    stage1, _ = train_adapter(backbone, data, cfg)
+    student, fit = stage2.distill(backbone, data, cfg, stage1, teachers)
+    test = accuracy(backbone, student, data.test, cfg.max_length)
+    assert fit.best_epoch == latest_best_epoch(row["val"]), (fit.best_epoch, row["val"])
+    assert test == row["last"][fit.best_epoch - 1], "the default recipe did not keep latest_best's weights"
+    return test
 
 
 # transfer.json's baselines on the same runs (same data, same stage 1), for the issue's targets
@@ -156,12 +186,24 @@ def add_baselines(rows: list[dict[str, Any]], workdir: Path, unlabeled: int) -> 
         row["baselines"] = {m: ref[m]["test_accuracy"] for m in BASELINES if m in ref}
 
 
+# The tie rule and patience of the default recipe since 2026-12-05 (`stage2: {epochs: 10, patience: 3, ties:
+# later}`): `latest_best` is exact on trajectories of at least its 10 epochs, cut there
+LATEST = {"epochs": 10, "patience": 3}
+PATIENCE_GRID = (2, 3, 4, 5, 10)
+
+
+def latest_best_epoch(val: list[float], patience: int = LATEST["patience"]) -> int:
+    return best_val_epoch(val[: LATEST["epochs"]], patience, "later")
+
+
 def rules(row: dict[str, Any], patience: int) -> dict[str, float]:
     """Test accuracy (%) of every rule on one run."""
     best = best_val_epoch(row["val"], patience)
     stop = min(best + patience, len(row["val"]))
     default = row.get("best_val_beyond", row["last"][best - 1])
     out = {"best_val": 100 * default}
+    if len(row["val"]) >= LATEST["epochs"]:
+        out["latest_best"] = 100 * row["last"][latest_best_epoch(row["val"]) - 1]
     if "average" in row:
         out["average_to_stop"] = 100 * row["average"][stop - 1]
     for kind in ("last", "average"):
@@ -182,6 +224,11 @@ def summarise(rows: list[dict[str, Any]], patience: int, controls: dict[str, lis
         stops = [best_val_epoch(r["val"], patience) + patience for r in sub]
         cell["best_val_epochs_run"] = statistics.mean(min(len(r["val"]), s) for s, r in zip(stops, sub))
         cell["stop_within_epochs"] = sum(s <= len(r["val"]) for s, r in zip(stops, sub))
+        if "latest_best" in scored[0]:
+            cell["latest_best_epochs_run"] = statistics.mean(
+                min(LATEST["epochs"], latest_best_epoch(r["val"]) + LATEST["patience"]) for r in sub
+            )
+            cell["tie_rule_grid"] = tie_rule_grid(sub, adapter)
         for name in scored[0]:
             acc = [s[name] for s in scored]
             gain = [a - b for a, b in zip(acc, adapter)]
@@ -201,14 +248,16 @@ def summarise(rows: list[dict[str, Any]], patience: int, controls: dict[str, lis
                 "mean": statistics.mean(diffs := [s[name] - 100 * r["baselines"][base] for s, r in zip(scored, sub)]),
                 "stderr": stderr(diffs),
             }
-            for name in ("best_val", f"last_{epochs}", f"average_{epochs}")
+            for name in ("best_val", "latest_best", f"last_{epochs}", f"average_{epochs}")
+            if name in scored[0]
             for base in BASELINES
             if all(base in r.get("baselines", {}) for r in sub)
         }
         cell["per_seed"] = {
             str(seed): {
                 name: statistics.mean(s[name] - a for s, a, r in zip(scored, adapter, sub) if r["seed"] == seed)
-                for name in ("best_val", "average_to_stop", f"last_{epochs}", f"average_{epochs}")
+                for name in ("best_val", "latest_best", "average_to_stop", f"last_{epochs}", f"average_{epochs}")
+                if name in scored[0]
             }
             for seed in cell["seeds"]
         }
@@ -221,6 +270,24 @@ def summarise(rows: list[dict[str, Any]], patience: int, controls: dict[str, lis
     return out
 
 
+def tie_rule_grid(rows: list[dict[str, Any]], adapter: list[float]) -> dict[str, Any]:
+    """Gain over the adapter of the best validation epoch, cut at the default's 10 epochs, per patience and tie
+    rule: the first epoch to reach the best (`earlier`) or the latest to match it (`later`), and their paired gap."""
+    out: dict[str, Any] = {}
+    for patience in PATIENCE_GRID:
+        test = {
+            ties: [100 * r["last"][best_val_epoch(r["val"][: LATEST["epochs"]], patience, ties) - 1] for r in rows]
+            for ties in ("earlier", "later")
+        }
+        gains = {ties: [t - a for t, a in zip(acc, adapter)] for ties, acc in test.items()}
+        gap = [b - a for a, b in zip(test["earlier"], test["later"])]
+        out[str(patience)] = {
+            **{ties: {"mean": statistics.mean(g), "stderr": stderr(g)} for ties, g in gains.items()},
+            "later_minus_earlier": {"mean": statistics.mean(gap), "stderr": stderr(gap)},
+        }
+    return out
+
+
 def compare_control(rows: list[dict[str, Any]], scored: list[dict[str, float]], runs, patience: int) -> dict:
     """A control's rules on its own runs, and the default's fixed budget paired against them on the same runs."""
     by_run = {(r["tenant"], r["seed"]): s for r, s in zip(rows, scored)}
@@ -230,7 +297,8 @@ def compare_control(rows: list[dict[str, Any]], scored: list[dict[str, float]], 
     epochs, ours = len(runs[0]["val"]), f"last_{len(rows[0]['val'])}"  # the control's budget; the default's
     gains = {
         name: [m[name] - a for m, a in zip(mine, adapter)]
-        for name in ("best_val", *(f"last_{k}" for k in range(1, epochs + 1)))
+        for name in ("best_val", "latest_best", *(f"last_{k}" for k in range(1, epochs + 1)))
+        if name in mine[0]
     }
     hindsight = max(range(1, epochs + 1), key=lambda k: statistics.mean(gains[f"last_{k}"]))
     out: dict[str, Any] = {"runs": len(runs), "epochs": epochs, "best_fixed_epochs": hindsight}
@@ -246,7 +314,8 @@ def compare_control(rows: list[dict[str, Any]], scored: list[dict[str, float]], 
     out["gain_over_adapter"] = {n: {"mean": statistics.mean(g), "stderr": stderr(g)} for n, g in gains.items()}
     # its validation stop; the default's budget (if it ran that long); its whole budget; its best in hindsight
     rules_of_control = ["best_val", ours, f"last_{epochs}", f"last_{hindsight}"]
-    pairs = [("best_val", "best_val")] + [(ours, rule) for rule in dict.fromkeys(rules_of_control) if rule in gains]
+    pairs = [("best_val", "best_val")] + [("latest_best", "latest_best")] * ("latest_best" in gains)
+    pairs += [(ours, rule) for rule in dict.fromkeys(rules_of_control) if rule in gains]
     out["default_minus_control"] = {
         f"{ours} - {rule}": {
             "mean": statistics.mean(d := [t[ours] - m[rule] for t, m in zip(theirs, mine)]),
@@ -265,9 +334,13 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"Backbone {m['backbone']} (frozen), {m['machine']}, seeds {m['seeds']}, {m['date']}.", ""]
     lines += [
         f"Default recipe (distill + transfer, noisy student), stage 2 trained {m['epochs']} epochs without early "
-        f"stopping; `best_val` = best validation epoch with patience {m['patience']} (the default), `last_k` / "
-        f"`average_k` = a fixed budget of k epochs keeping the last / the mean weights. Validation: "
-        f"{m['val_per_label']} queries per intent. Gains are paired over the stage-1 adapter, mean ± s.e.",
+        f"stopping; `best_val` = the first epoch to reach the best validation accuracy, patience {m['patience']} "
+        f"(the default until 2026-12-05, at most 20 epochs); `latest_best` = the latest epoch to match it, patience "
+        f"{LATEST['patience']}, at most {LATEST['epochs']} epochs (the default since: `stage2: {{epochs: "
+        f"{LATEST['epochs']}, patience: {LATEST['patience']}, ties: later}}`); `last_k` / `average_k` = a fixed "
+        f"budget of k epochs keeping the last / the mean weights. Validation: {m['val_per_label']} queries per "
+        "intent (0.67 points each at 15 intents, so ties are common). Gains are paired over the stage-1 adapter, "
+        "mean ± s.e.",
         "",
     ]
     for shots, cell in report["summary"].items():
@@ -275,7 +348,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"Stage 2: {cell['seconds_per_epoch'] or 0:.1f} s an epoch; `best_val` runs "
             f"{cell['best_val_epochs_run']:.1f} epochs on average; its stop falls within the {m['epochs']} "
-            f"epochs in {cell['stop_within_epochs']} of {cell['runs']} runs (`average_to_stop` is exact for those).",
+            f"epochs in {cell['stop_within_epochs']} of {cell['runs']} runs (`average_to_stop` is exact for those)"
+            + (
+                f"; `latest_best` runs {cell['latest_best_epochs_run']:.1f} epochs on average."
+                if "latest_best_epochs_run" in cell
+                else "."
+            ),
             "",
         ]
         lines += ["| rule | test % | gain over adapter | wins / losses | over best_val |", "|---|---|---|---|---|"]
@@ -285,8 +363,11 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {name} | {s['mean']:.2f} | {s['gain_over_adapter']:+.2f} ± {s['gain_stderr']:.2f} | "
                     f"{s['wins']} / {s['losses']} | {s['over_best_val']:+.2f} ± {s['over_best_val_stderr']:.2f} |"
                 )
-        lines += ["Against transfer.json's rows on the same runs (paired, points):", ""]
-        lines += [f"- {pair}: {v['mean']:+.2f} ± {v['stderr']:.2f}" for pair, v in cell["versus"].items()]
+        if "tie_rule_grid" in cell:
+            lines += grid_lines(cell["tie_rule_grid"])
+        if cell["versus"]:
+            lines += ["Against transfer.json's rows on the same runs (paired, points):", ""]
+            lines += [f"- {pair}: {v['mean']:+.2f} ± {v['stderr']:.2f}" for pair, v in cell["versus"].items()]
         names = list(next(iter(cell["per_seed"].values())))
         lines += ["", "Gain over the adapter per seed:", "", "| seed | " + " | ".join(names) + " |"]
         lines.append("|---" * (1 + len(names)) + "|")
@@ -300,15 +381,27 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def grid_lines(grid: dict[str, Any]) -> list[str]:
+    lines = ["", "The best validation epoch per tie rule and patience (cut at 10 epochs; gain over the adapter):", ""]
+    lines += ["| patience | first to reach the best | latest to match it | latest minus first |", "|---|---|---|---|"]
+    for patience, g in grid.items():
+        cells = [f"{g[k]['mean']:+.2f} ± {g[k]['stderr']:.2f}" for k in ("earlier", "later", "later_minus_earlier")]
+        lines.append(f"| {patience} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def control_lines(controls: dict[str, Any]) -> list[str]:
     lines = ["Controls trained the same way (every epoch kept, the same runs; gains over the adapter, points):", ""]
-    lines += ["| control | runs | best_val | last_E (E epochs) | best fixed k in hindsight |", "|---|---|---|---|---|"]
-    gain = lambda g, rule: f"{g[rule]['mean']:+.2f} ± {g[rule]['stderr']:.2f}"  # noqa: E731
+    lines += [
+        "| control | runs | best_val | latest_best | last_E (E epochs) | best fixed k in hindsight |",
+        "|---|---|---|---|---|---|",
+    ]
+    gain = lambda g, rule: f"{g[rule]['mean']:+.2f} ± {g[rule]['stderr']:.2f}" if rule in g else ""  # noqa: E731
     for method, c in controls.items():
         g, last, hind = c["gain_over_adapter"], f"last_{c['epochs']}", f"last_{c['best_fixed_epochs']}"
         lines.append(
-            f"| {method} | {c['runs']} | {gain(g, 'best_val')} | {gain(g, last)} ({c['epochs']}) | "
-            f"{hind}: {gain(g, hind)} |"
+            f"| {method} | {c['runs']} | {gain(g, 'best_val')} | {gain(g, 'latest_best')} | "
+            f"{gain(g, last)} ({c['epochs']}) | {hind}: {gain(g, hind)} |"
         )
     lines += [
         f"{m}: its own validation stop differs from transfer.json's row on {c['best_val_unlike_transfer_json']['runs']}"
@@ -346,8 +439,10 @@ def chart(report: dict[str, Any], path: Path) -> None:
             k = range(1, c["epochs"] + 1)  # a control may be given a longer budget than the default
             gains = [c["gain_over_adapter"][f"last_{i}"]["mean"] for i in k]
             ax.plot(list(k), gains, ls="--", marker=".", label=f"{method}, last weights ({c['runs']} runs)")
-        ax.axhline(cell["best_val"]["gain_over_adapter"], color="gray", ls="--", label="best_val (default)")
+        ax.axhline(cell["best_val"]["gain_over_adapter"], color="gray", ls="--", label="best_val (former default)")
         ax.axhline(cell["average_to_stop"]["gain_over_adapter"], color="green", ls=":", label="average_to_stop")
+        if "latest_best" in cell:
+            ax.axhline(cell["latest_best"]["gain_over_adapter"], color="red", ls="-.", label="latest_best (default)")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xlabel("stage-2 epochs (fixed budget)")
         ax.set_ylabel("test accuracy gain over adapter (points)")
@@ -375,6 +470,13 @@ def main() -> None:
         default=[],
         choices=[m for m in TRAIN if m != DEFAULT],
         help="also train these rows of transfer.json the same way (fixed budget, every epoch kept), on the same runs",
+    )
+    p.add_argument(
+        "--check-default",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also train the library's default stage 2 on the first K runs and assert it keeps latest_best's weights",
     )
     p.add_argument("--control-epochs", type=int, default=None, help="the controls' stage-2 epochs (default: --epochs)")
     p.add_argument(
@@ -431,6 +533,17 @@ def main() -> None:
         return [json.loads(path.read_text()) for path in found(epochs)]
 
     rows = runs(DEFAULT)
+    for row in rows[: args.check_default]:
+        peers = [loaded[d].as_teacher().adapters for d in clinc150.domains() if d != row["tenant"]]
+        test = check_default(backbone, row, peers, cfg, args, workdir)
+        log.warning(
+            "%s k%d s%d: the default recipe keeps epoch %d, test %.4f = latest_best",
+            row["tenant"],
+            row["shots"],
+            row["seed"],
+            latest_best_epoch(row["val"]),
+            test,
+        )
     controls = {method: runs(method) for method in args.controls}
     add_baselines(rows, workdir, args.unlabeled)
     meta = {

@@ -21,7 +21,7 @@ def test_yaml_partial_override_keeps_other_defaults(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("method: fusion\nstage2: {lr: 0.001}\ndistill: {temperature: 4}\n")
     cfg = RecipeConfig.from_yaml(path)
-    assert cfg.method == "fusion" and cfg.stage2.lr == 0.001 and cfg.stage2.epochs == 20
+    assert cfg.method == "fusion" and cfg.stage2.lr == 0.001 and cfg.stage2.epochs == 10
     assert cfg.distill.temperature == 4 and cfg.distill.alpha == 0.5
     assert RecipeConfig.from_dict(cfg.to_dict()) == cfg
 

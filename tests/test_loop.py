@@ -34,7 +34,9 @@ class _Model(nn.Module):
         self.frozen = nn.Parameter(torch.tensor([0.1, 0.2, 0.3]), requires_grad=False)
 
 
-def _run(keep: str, scores: list[float], patience: int | None = None) -> tuple[_Model, list[dict], object, float]:
+def _run(
+    keep: str, scores: list[float], patience: int | None = None, ties: str = "earlier"
+) -> tuple[_Model, list[dict], object, float]:
     """Train with validation accuracies `scores` in turn; every epoch's weights are recorded as it is validated."""
     model, seen = _Model(), list[dict[str, torch.Tensor]]()
     start = model.trained.weight.detach().clone()
@@ -46,7 +48,7 @@ def _run(keep: str, scores: list[float], patience: int | None = None) -> tuple[_
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
         return scores[len(seen) - 1] if len(seen) <= len(scores) else -1.0  # -1: the extra call for `average`
 
-    cfg = TrainConfig(epochs=len(scores), lr=0.05, batch_size=4, patience=patience, keep=keep)  # type: ignore[arg-type]
+    cfg = TrainConfig(epochs=len(scores), lr=0.05, batch_size=4, patience=patience, keep=keep, ties=ties)  # type: ignore[arg-type]
     result = fit("test", model, step, validate, _Rows(), cfg, seed=0)
     assert not torch.equal(model.trained.weight, start)
     return model, seen, result, float(model.frozen.sum())
@@ -60,6 +62,15 @@ def test_keep_best_restores_the_best_validation_epoch() -> None:
     model, seen, result, _ = _run("best", [0.5, 0.9, 0.7, 0.8])
     assert _equal(model, seen[1]) and result.best_epoch == 2 and result.best_val_accuracy == 0.9
     assert not _equal(model, seen[3])
+
+
+def test_ties_later_keeps_the_latest_epoch_matching_the_best_and_counts_patience_from_it() -> None:
+    scores = [0.5, 0.9, 0.7, 0.9, 0.8, 0.8, 0.95]
+    model, seen, result, _ = _run("best", scores, patience=2)
+    assert result.best_epoch == 2 and result.epochs_run == 4 and _equal(model, seen[1])  # the first 0.9, stopped at 4
+    model, seen, result, _ = _run("best", scores, patience=2, ties="later")
+    assert result.best_epoch == 4 and result.epochs_run == 6 and _equal(model, seen[3])  # the second 0.9, stopped at 6
+    assert not _equal(model, seen[1])
 
 
 def test_keep_last_returns_the_last_epoch_and_its_validation_accuracy() -> None:
@@ -87,6 +98,10 @@ def test_patience_stops_early_and_average_covers_the_epochs_run() -> None:
 def test_keep_is_validated_and_round_trips_through_a_recipe() -> None:
     with pytest.raises(ConfigError, match="keep must be one of"):
         RecipeConfig.from_dict({"stage2": {"keep": "median"}})
+    with pytest.raises(ConfigError, match="ties must be one of"):
+        RecipeConfig.from_dict({"stage2": {"ties": "random"}})
+    assert RecipeConfig().stage2.ties == "later" and RecipeConfig().stage1.ties == "earlier"
+    assert RecipeConfig.from_dict({"stage2": {"epochs": 5}}).stage2.ties == "later"  # older recipes: the default
     cfg = RecipeConfig.from_dict({"stage2": {"keep": "average", "patience": None}})
     assert cfg.stage2.keep == "average" and RecipeConfig.from_dict(cfg.to_dict()) == cfg
 

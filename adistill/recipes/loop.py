@@ -81,7 +81,7 @@ def fit(
             )
         acc = validate()
         history.append({"epoch": epoch, "loss": total / count, "val_accuracy": acc})
-        if acc > best_acc:
+        if acc > best_acc or (cfg.ties == "later" and acc == best_acc):
             best_acc, best_epoch = acc, epoch
             if cfg.keep == "best":
                 best_state = copy.deepcopy(modules.state_dict())
