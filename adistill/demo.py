@@ -233,7 +233,7 @@ def comparison_table(rows: list[dict[str, Any]], bare: float) -> str:
     cells += [
         [
             r["method"],
-            r["test_accuracy"],
+            f"{r['test_accuracy']:.2f}",
             r["added_params_pct"],
             f"{r['artifact_bytes']:,}",
             f"{r['seq_per_s']:.0f}",
