@@ -25,6 +25,9 @@ unlabelled queries) for the same fixed budget,
 every epoch kept, so the default's fixed budget is compared with each control's own validation stop, its own
 fixed budget, and its best fixed budget in hindsight (a choice that favours the control).
 
+With `--longer E` the report adds `latest_best` allowed 15, 20, ... up to E epochs, reading the runs still improving
+at epoch 10 from their E-epoch cache (train those with `--epochs E --tenants ...`).
+
 Training does not depend on the rule (shuffling and hidden word-pieces are seeded per epoch), so the rules differ
 only in the weights they keep. Data, teachers and settings are those of `accuracy.py --unlabeled 50` (same cache
 folder). Writes benchmarks/results/stopping.{json,md,png}; runs are cached under --workdir/stopping.
@@ -192,8 +195,82 @@ LATEST = {"epochs": 10, "patience": 3}
 PATIENCE_GRID = (2, 3, 4, 5, 10)
 
 
-def latest_best_epoch(val: list[float], patience: int = LATEST["patience"]) -> int:
-    return best_val_epoch(val[: LATEST["epochs"]], patience, "later")
+def latest_best_epoch(val: list[float], patience: int = LATEST["patience"], epochs: int = LATEST["epochs"]) -> int:
+    return best_val_epoch(val[:epochs], patience, "later")
+
+
+def stops_within(val: list[float], patience: int = LATEST["patience"]) -> bool:
+    """Whether `latest_best` stops on its own within this trajectory (then a longer budget keeps the same epoch)."""
+    return latest_best_epoch(val, patience, len(val)) + patience <= len(val)
+
+
+def extended(rows: list[dict[str, Any]], longer: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run's trajectory as far as `latest_best` needs it under any budget: its longer run where one is cached
+    (whose first epochs must be this run's, to the last bit), else this run, where the rule stops within it."""
+    by_run = {(r["tenant"], r["shots"], r["seed"]): r for r in longer}
+    out = []
+    for row in rows:
+        key = (row["tenant"], row["shots"], row["seed"])
+        if key in by_run:
+            long, n = by_run[key], len(row["val"])
+            assert (long["val"][:n], long["last"][:n]) == (row["val"], row["last"]), f"{key} did not repeat itself"
+            out.append(long)
+        else:
+            assert stops_within(row["val"]), f"{key}: latest_best runs past {len(row['val'])} epochs, none cached"
+            out.append(row)
+    return out
+
+
+def longer_budgets(rows, adapter, budgets, controls: dict[str, list]) -> dict[str, Any]:
+    """`latest_best` (patience 3) with at most each budget of epochs, on trajectories `extended` as far as the rule
+    needs: gain over the adapter, epochs run, paired change from the default's 10, and the default minus each
+    control stopped by the same rule on the same runs (for the controls trained that long). Then the fixed budgets
+    on the runs that needed the longer trajectory (does the curve still rise there?)."""
+    patience = LATEST["patience"]
+    base = [100 * r["last"][latest_best_epoch(r["val"]) - 1] for r in rows]
+    out: dict[str, Any] = {"budgets": {}}
+    for budget in budgets:
+        epochs = [latest_best_epoch(r["val"], patience, budget) for r in rows]
+        test = [100 * r["last"][e - 1] for r, e in zip(rows, epochs)]
+        gain = [t - a for t, a in zip(test, adapter)]
+        change = [t - b for t, b in zip(test, base)]
+        cell: dict[str, Any] = {
+            "gain_over_adapter": {"mean": statistics.mean(gain), "stderr": stderr(gain)},
+            "wins": sum(g > 0 for g in gain),
+            "losses": sum(g < 0 for g in gain),
+            "epochs_run": statistics.mean(min(budget, e + patience) for e in epochs),
+            "over_10_epochs": {"mean": statistics.mean(change), "stderr": stderr(change)},
+            "minus_control": {},
+        }
+        for method, runs in controls.items():
+            if len(runs) != len(rows) or not all(len(r["val"]) >= budget or stops_within(r["val"]) for r in runs):
+                continue  # that control was not trained on every run for this budget
+            ours = {(r["tenant"], r["seed"]): t for r, t in zip(rows, test)}
+            d = [
+                ours[(r["tenant"], r["seed"])] - 100 * r["last"][latest_best_epoch(r["val"], patience, budget) - 1]
+                for r in runs
+            ]
+            cell["minus_control"][method] = {
+                "mean": statistics.mean(d),
+                "stderr": stderr(d),
+                "wins": sum(x > 0 for x in d),
+                "losses": sum(x < 0 for x in d),
+            }
+        out["budgets"][str(budget)] = cell
+    long = [(r, a) for r, a in zip(rows, adapter) if len(r["val"]) > LATEST["epochs"]]
+    if long:
+        epochs = min(len(r["val"]) for r, _ in long)
+        out["long_runs"] = {
+            "runs": len(long),
+            "fixed": {
+                str(k): {
+                    "mean": statistics.mean(g := [100 * r["last"][k - 1] - a for r, a in long]),
+                    "stderr": stderr(g),
+                }
+                for k in range(LATEST["epochs"], epochs + 1)
+            },
+        }
+    return out
 
 
 def rules(row: dict[str, Any], patience: int) -> dict[str, float]:
@@ -211,7 +288,13 @@ def rules(row: dict[str, Any], patience: int) -> dict[str, float]:
     return out
 
 
-def summarise(rows: list[dict[str, Any]], patience: int, controls: dict[str, list] | None = None) -> dict[str, Any]:
+def summarise(
+    rows: list[dict[str, Any]],
+    patience: int,
+    controls: dict[str, list] | None = None,
+    longer: list[dict[str, Any]] | None = None,
+    budgets: tuple[int, ...] = (),
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for shots in sorted({r["shots"] for r in rows}):
         sub = [r for r in rows if r["shots"] == shots]
@@ -266,6 +349,13 @@ def summarise(rows: list[dict[str, Any]], patience: int, controls: dict[str, lis
             for method, runs in (controls or {}).items()
             if any(r["shots"] == shots for r in runs)
         }
+        if longer is not None and any(r["shots"] == shots for r in longer):
+            cell["longer_budgets"] = longer_budgets(
+                extended(sub, [r for r in longer if r["shots"] == shots]),
+                adapter,
+                budgets,
+                {m: [r for r in runs if r["shots"] == shots] for m, runs in (controls or {}).items()},
+            )
         out[str(shots)] = cell
     return out
 
@@ -376,6 +466,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
         if cell.get("controls"):
             lines += control_lines(cell["controls"])
+        if "longer_budgets" in cell:
+            lines += budget_lines(cell["longer_budgets"])
     if m["note"]:
         lines += [m["note"], ""]
     return "\n".join(lines)
@@ -417,6 +509,42 @@ def control_lines(controls: dict[str, Any]) -> list[str]:
                 f"{pair} {v['mean']:+.2f} ± {v['stderr']:.2f} ({v['wins']} / {v['losses']})"
                 for pair, v in c["default_minus_control"].items()
             )
+        ]
+    return [*lines, ""]
+
+
+def budget_lines(longer: dict[str, Any]) -> list[str]:
+    lines = [
+        f"`latest_best` (patience {LATEST['patience']}) with a longer budget: the runs still improving at epoch "
+        f"{LATEST['epochs']} go on (gains over the adapter; change from {LATEST['epochs']} epochs and the default "
+        "minus each control stopped by the same rule, paired, points; wins / losses):",
+        "",
+    ]
+    controls = sorted({m for b in longer["budgets"].values() for m in b["minus_control"]})
+    lines += [
+        "| at most | gain over adapter | wins / losses | epochs run | change | "
+        + " | ".join(f"minus {m}" for m in controls)
+        + " |"
+    ]
+    lines.append("|---" * (5 + len(controls)) + "|")
+    for budget, b in longer["budgets"].items():
+        pm = lambda v: f"{v['mean']:+.2f} ± {v['stderr']:.2f}"  # noqa: E731
+        cells = [
+            pm(b["minus_control"][m]) + f" ({b['minus_control'][m]['wins']} / {b['minus_control'][m]['losses']})"
+            if m in b["minus_control"]
+            else ""
+            for m in controls
+        ]
+        lines.append(
+            f"| {budget} | {pm(b['gain_over_adapter'])} | {b['wins']} / {b['losses']} | {b['epochs_run']:.1f} | "
+            f"{pm(b['over_10_epochs'])} | " + " | ".join(cells) + " |"
+        )
+    if "long_runs" in longer:
+        fixed = longer["long_runs"]["fixed"]
+        lines += [
+            "",
+            f"On the {longer['long_runs']['runs']} runs that went on, a fixed budget of k epochs (last weights): "
+            + "; ".join(f"{k}: {v['mean']:+.2f} ± {v['stderr']:.2f}" for k, v in fixed.items()),
         ]
     return [*lines, ""]
 
@@ -479,6 +607,14 @@ def main() -> None:
         help="also train the library's default stage 2 on the first K runs and assert it keeps latest_best's weights",
     )
     p.add_argument("--control-epochs", type=int, default=None, help="the controls' stage-2 epochs (default: --epochs)")
+    p.add_argument(
+        "--longer",
+        type=int,
+        default=None,
+        metavar="E",
+        help="also report latest_best with budgets of up to E epochs, reading the runs still improving at epoch 10 "
+        "from their E-epoch cache (trained by --epochs E --tenants ...)",
+    )
     p.add_argument(
         "--cached-only",
         action="store_true",
@@ -559,7 +695,15 @@ def main() -> None:
         "controls": args.controls,
         "note": args.note,
     }
-    report = {"meta": meta, "summary": summarise(rows, args.patience, controls), "runs": rows}
+    longer = None
+    if args.longer:
+        longer = [row for shots in args.shots for row in cached(DEFAULT, shots, args.longer)]
+        meta["longer"] = args.longer
+    budgets = tuple(range(LATEST["epochs"], (args.longer or 0) + 1, 5))
+    summary = summarise(rows, args.patience, controls, longer, budgets)
+    report = {"meta": meta, "summary": summary, "runs": rows}
+    if longer is not None:
+        report["longer_runs"] = longer
     report["controls"] = controls
     out.mkdir(parents=True, exist_ok=True)
     (out / "stopping.json").write_text(json.dumps(report, indent=1) + "\n")
