@@ -242,10 +242,10 @@ def longer_budgets(rows, adapter, budgets, controls: dict[str, list]) -> dict[st
             "over_10_epochs": {"mean": statistics.mean(change), "stderr": stderr(change)},
             "minus_control": {},
         }
+        ours = {(r["tenant"], r["seed"]): t for r, t in zip(rows, test)}
         for method, runs in controls.items():
             if len(runs) != len(rows) or not all(len(r["val"]) >= budget or stops_within(r["val"]) for r in runs):
                 continue  # that control was not trained on every run for this budget
-            ours = {(r["tenant"], r["seed"]): t for r, t in zip(rows, test)}
             d = [
                 ours[(r["tenant"], r["seed"])] - 100 * r["last"][latest_best_epoch(r["val"], patience, budget) - 1]
                 for r in runs
@@ -527,8 +527,8 @@ def budget_lines(longer: dict[str, Any]) -> list[str]:
         + " |"
     ]
     lines.append("|---" * (5 + len(controls)) + "|")
+    pm = lambda v: f"{v['mean']:+.2f} ± {v['stderr']:.2f}"  # noqa: E731
     for budget, b in longer["budgets"].items():
-        pm = lambda v: f"{v['mean']:+.2f} ± {v['stderr']:.2f}"  # noqa: E731
         cells = [
             pm(b["minus_control"][m]) + f" ({b['minus_control'][m]['wins']} / {b['minus_control'][m]['losses']})"
             if m in b["minus_control"]
