@@ -356,7 +356,11 @@ class TransferConfig(Config):
     default 0.2 was measured on CLINC150 (docs/method.md, "A noisy student"); it does nothing without a transfer set.
     `neighbours` (0 turns it off): each transfer row's distillation target is mixed, with weight `neighbour_weight`,
     with the mean target of its `neighbours` nearest transfer rows in the frozen encoder's sentence space (queries
-    that read alike get alike targets; `recipes/transfer.py`, `NeighbourTargets`)."""
+    that read alike get alike targets; `recipes/transfer.py`, `NeighbourTargets`).
+    `keep`: the weights a stage that trains over a transfer set returns (stage 2, self-training; null: `stage2.keep`).
+    The default `last` keeps the weights of the epoch where validation stopped improving (the stop is still
+    `stage2`'s): 150 validation queries can tell when to stop but are too coarse to pick among epochs
+    (benchmarks/results/stopping.md; docs/method.md, "Which weights to keep")."""
 
     ratio: float = 3.0
     max_per_epoch: int | None = 1024
@@ -366,6 +370,7 @@ class TransferConfig(Config):
     student_noise: float = 0.2
     neighbours: int = 0
     neighbour_weight: float = 0.5
+    keep: Keep | None = "last"
 
     def check(self) -> None:
         require(0 < self.ratio <= 64, f"ratio must be in (0, 64], got {self.ratio!r}")
@@ -393,6 +398,13 @@ class RecipeConfig(Config):
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=5e-5, patience=5))
     distill: DistillConfig = field(default_factory=DistillConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    def stage2_over(self, transfer_rows: int) -> TrainConfig:
+        """The settings of a stage-2 style stage that trains over `transfer_rows` unlabelled rows: `stage2`, keeping
+        `transfer.keep`'s weights when there are any."""
+        if transfer_rows and self.transfer.keep is not None:
+            return self.stage2.replace(keep=self.transfer.keep)
+        return self.stage2
 
     def check(self) -> None:
         require(4 <= self.max_length <= 512, f"max_length must be in [4, 512], got {self.max_length!r}")

@@ -52,8 +52,9 @@ TUNABLE: dict[str, type] = {
     "transfer.student_noise": float,
     "transfer.neighbours": int,
     "transfer.neighbour_weight": float,
+    "transfer.keep": str,
 }
-NULLABLE = ("stage2.patience", "transfer.max_per_epoch")  # a choice may list null (no limit) for these
+NULLABLE = ("stage2.patience", "transfer.max_per_epoch", "transfer.keep")  # a choice may list null for these
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "int")
 TOP_KEYS = ("description", "samples", "params", "fixed", "asha")
 

@@ -9,9 +9,12 @@ keeps every epoch's student, and scores on the test rows, from that one trajecto
                   without a new best (the former default; the same weights as transfer.json's
                   distill_transfer_noisy: checked when that cache is there; where its stop falls after `--epochs`,
                   that row's result, kept as `best_val_beyond`)
-    latest_best   the latest epoch to match the best validation accuracy, patience 3, at most 10 epochs (the
-                  default since 2026-12-05: `stage2: {epochs: 10, patience: 3, ties: later}`; exact on runs of at
-                  least 10 epochs; `--check-default K` trains the library's default on K runs and asserts it)
+    latest_best   the latest epoch to match the best validation accuracy, patience 3, at most 10 epochs
+                  (`stage2: {epochs: 10, patience: 3, ties: later}`; with a transfer set, the default until
+                  `transfer.keep` came; exact on runs of at least 10 epochs)
+    stop_last     latest_best's stop, keeping the weights of the epoch it stops at (the default since: over a
+                  transfer set `transfer.keep: last`; `--check-default K` trains the library's default on K runs
+                  and asserts it)
     average_to_stop  the same stop, keeping the mean of the weights of every epoch run (`keep: average`; the
                   stop is cut at `--epochs`: exact for the runs whose stop falls within them, counted as
                   `stop_within_epochs`)
@@ -159,10 +162,11 @@ def run_one(backbone, domain, shots, seed, teachers, cfg, args, workdir: Path, m
 
 
 def check_default(backbone, row: dict[str, Any], teachers, cfg: RecipeConfig, args, workdir: Path) -> float:
-    """Train stage 2 as the library's default recipe does (`RecipeConfig().stage2`: early stopping, the tie rule)
-    on a cached run and assert it keeps the weights `latest_best` picks from that run's trajectory."""
+    """Train stage 2 as the library's default recipe does (`RecipeConfig().stage2`: early stopping, the tie rule;
+    `transfer.keep`) on a cached run and assert it keeps the weights `stop_last` picks from that run's trajectory."""
     default = RecipeConfig().stage2
     assert (default.epochs, default.patience, default.ties) == (LATEST["epochs"], LATEST["patience"], "later")
+    assert RecipeConfig().transfer.keep == "last" and cfg.transfer == RecipeConfig().transfer
     shots, seed = row["shots"], row["seed"]
     data = subsample_validation(
         read_tenant_data(str(tenant_file(row["tenant"], shots, seed, args.unlabeled, workdir / "transfer" / "data"))),
@@ -173,8 +177,8 @@ def check_default(backbone, row: dict[str, Any], teachers, cfg: RecipeConfig, ar
     stage1, _ = train_adapter(backbone, data, cfg)
     student, fit = stage2.distill(backbone, data, cfg, stage1, teachers)
     test = accuracy(backbone, student, data.test, cfg.max_length)
-    assert fit.best_epoch == latest_best_epoch(row["val"]), (fit.best_epoch, row["val"])
-    assert test == row["last"][fit.best_epoch - 1], "the default recipe did not keep latest_best's weights"
+    assert fit.best_epoch == fit.epochs_run == latest_stop_epoch(row["val"]), (fit.best_epoch, row["val"])
+    assert test == row["last"][fit.best_epoch - 1], "the default recipe did not keep stop_last's weights"
     return test
 
 
@@ -197,6 +201,11 @@ PATIENCE_GRID = (2, 3, 4, 5, 10)
 
 def latest_best_epoch(val: list[float], patience: int = LATEST["patience"], epochs: int = LATEST["epochs"]) -> int:
     return best_val_epoch(val[:epochs], patience, "later")
+
+
+def latest_stop_epoch(val: list[float], patience: int = LATEST["patience"], epochs: int = LATEST["epochs"]) -> int:
+    """The epoch `latest_best`'s stage stops at: `patience` after its best epoch, or its last (`stop_last` keeps it)."""
+    return min(latest_best_epoch(val, patience, epochs) + patience, epochs, len(val))
 
 
 def stops_within(val: list[float], patience: int = LATEST["patience"]) -> bool:
@@ -281,6 +290,7 @@ def rules(row: dict[str, Any], patience: int) -> dict[str, float]:
     out = {"best_val": 100 * default}
     if len(row["val"]) >= LATEST["epochs"]:
         out["latest_best"] = 100 * row["last"][latest_best_epoch(row["val"]) - 1]
+        out["stop_last"] = 100 * row["last"][latest_stop_epoch(row["val"]) - 1]
     if "average" in row:
         out["average_to_stop"] = 100 * row["average"][stop - 1]
     for kind in ("last", "average"):
@@ -308,9 +318,7 @@ def summarise(
         cell["best_val_epochs_run"] = statistics.mean(min(len(r["val"]), s) for s, r in zip(stops, sub))
         cell["stop_within_epochs"] = sum(s <= len(r["val"]) for s, r in zip(stops, sub))
         if "latest_best" in scored[0]:
-            cell["latest_best_epochs_run"] = statistics.mean(
-                min(LATEST["epochs"], latest_best_epoch(r["val"]) + LATEST["patience"]) for r in sub
-            )
+            cell["latest_best_epochs_run"] = statistics.mean(latest_stop_epoch(r["val"]) for r in sub)
             cell["tie_rule_grid"] = tie_rule_grid(sub, adapter)
         for name in scored[0]:
             acc = [s[name] for s in scored]
@@ -331,7 +339,7 @@ def summarise(
                 "mean": statistics.mean(diffs := [s[name] - 100 * r["baselines"][base] for s, r in zip(scored, sub)]),
                 "stderr": stderr(diffs),
             }
-            for name in ("best_val", "latest_best", f"last_{epochs}", f"average_{epochs}")
+            for name in ("best_val", "latest_best", "stop_last", f"last_{epochs}", f"average_{epochs}")
             if name in scored[0]
             for base in BASELINES
             if all(base in r.get("baselines", {}) for r in sub)
@@ -339,7 +347,14 @@ def summarise(
         cell["per_seed"] = {
             str(seed): {
                 name: statistics.mean(s[name] - a for s, a, r in zip(scored, adapter, sub) if r["seed"] == seed)
-                for name in ("best_val", "latest_best", "average_to_stop", f"last_{epochs}", f"average_{epochs}")
+                for name in (
+                    "best_val",
+                    "latest_best",
+                    "stop_last",
+                    "average_to_stop",
+                    f"last_{epochs}",
+                    f"average_{epochs}",
+                )
                 if name in scored[0]
             }
             for seed in cell["seeds"]
@@ -362,18 +377,22 @@ def summarise(
 
 def tie_rule_grid(rows: list[dict[str, Any]], adapter: list[float]) -> dict[str, Any]:
     """Gain over the adapter of the best validation epoch, cut at the default's 10 epochs, per patience and tie
-    rule: the first epoch to reach the best (`earlier`) or the latest to match it (`later`), and their paired gap."""
+    rule: the first epoch to reach the best (`earlier`) or the latest to match it (`later`), and their paired gap;
+    and of the weights of the epoch the `later` rule stops at (`later_last`), and its gap over `later`."""
     out: dict[str, Any] = {}
     for patience in PATIENCE_GRID:
         test = {
             ties: [100 * r["last"][best_val_epoch(r["val"][: LATEST["epochs"]], patience, ties) - 1] for r in rows]
             for ties in ("earlier", "later")
         }
-        gains = {ties: [t - a for t, a in zip(acc, adapter)] for ties, acc in test.items()}
-        gap = [b - a for a, b in zip(test["earlier"], test["later"])]
+        test["later_last"] = [100 * r["last"][latest_stop_epoch(r["val"], patience) - 1] for r in rows]
+        gains = {rule: [t - a for t, a in zip(acc, adapter)] for rule, acc in test.items()}
+        gaps = {
+            "later_minus_earlier": [b - a for a, b in zip(test["earlier"], test["later"])],
+            "last_minus_later": [b - a for a, b in zip(test["later"], test["later_last"])],
+        }
         out[str(patience)] = {
-            **{ties: {"mean": statistics.mean(g), "stderr": stderr(g)} for ties, g in gains.items()},
-            "later_minus_earlier": {"mean": statistics.mean(gap), "stderr": stderr(gap)},
+            rule: {"mean": statistics.mean(g), "stderr": stderr(g)} for rule, g in {**gains, **gaps}.items()
         }
     return out
 
@@ -387,7 +406,7 @@ def compare_control(rows: list[dict[str, Any]], scored: list[dict[str, float]], 
     epochs, ours = len(runs[0]["val"]), f"last_{len(rows[0]['val'])}"  # the control's budget; the default's
     gains = {
         name: [m[name] - a for m, a in zip(mine, adapter)]
-        for name in ("best_val", "latest_best", *(f"last_{k}" for k in range(1, epochs + 1)))
+        for name in ("best_val", "latest_best", "stop_last", *(f"last_{k}" for k in range(1, epochs + 1)))
         if name in mine[0]
     }
     hindsight = max(range(1, epochs + 1), key=lambda k: statistics.mean(gains[f"last_{k}"]))
@@ -405,6 +424,7 @@ def compare_control(rows: list[dict[str, Any]], scored: list[dict[str, float]], 
     # its validation stop; the default's budget (if it ran that long); its whole budget; its best in hindsight
     rules_of_control = ["best_val", ours, f"last_{epochs}", f"last_{hindsight}"]
     pairs = [("best_val", "best_val")] + [("latest_best", "latest_best")] * ("latest_best" in gains)
+    pairs += [("stop_last", "stop_last"), ("stop_last", "latest_best")] * ("stop_last" in gains)
     pairs += [(ours, rule) for rule in dict.fromkeys(rules_of_control) if rule in gains]
     out["default_minus_control"] = {
         f"{ours} - {rule}": {
@@ -426,8 +446,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Default recipe (distill + transfer, noisy student), stage 2 trained {m['epochs']} epochs without early "
         f"stopping; `best_val` = the first epoch to reach the best validation accuracy, patience {m['patience']} "
         f"(the default until 2026-12-05, at most 20 epochs); `latest_best` = the latest epoch to match it, patience "
-        f"{LATEST['patience']}, at most {LATEST['epochs']} epochs (the default since: `stage2: {{epochs: "
-        f"{LATEST['epochs']}, patience: {LATEST['patience']}, ties: later}}`); `last_k` / `average_k` = a fixed "
+        f"{LATEST['patience']}, at most {LATEST['epochs']} epochs (`stage2: {{epochs: {LATEST['epochs']}, patience: "
+        f"{LATEST['patience']}, ties: later}}`; with a transfer set the default until `transfer.keep` came); "
+        "`stop_last` = the same stop, keeping the weights of the epoch it stops at (the default since: "
+        "`transfer.keep: last`); `last_k` / `average_k` = a fixed "
         f"budget of k epochs keeping the last / the mean weights. Validation: {m['val_per_label']} queries per "
         "intent (0.67 points each at 15 intents, so ties are common). Gains are paired over the stage-1 adapter, "
         "mean ± s.e.",
@@ -475,9 +497,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 def grid_lines(grid: dict[str, Any]) -> list[str]:
     lines = ["", "The best validation epoch per tie rule and patience (cut at 10 epochs; gain over the adapter):", ""]
-    lines += ["| patience | first to reach the best | latest to match it | latest minus first |", "|---|---|---|---|"]
+    lines += [
+        "| patience | first to reach the best | latest to match it | latest minus first | latest's stop, last "
+        "weights | last weights minus latest |",
+        "|---|---|---|---|---|---|",
+    ]
+    rules = ("earlier", "later", "later_minus_earlier", "later_last", "last_minus_later")
     for patience, g in grid.items():
-        cells = [f"{g[k]['mean']:+.2f} ± {g[k]['stderr']:.2f}" for k in ("earlier", "later", "later_minus_earlier")]
+        cells = [f"{g[k]['mean']:+.2f} ± {g[k]['stderr']:.2f}" if k in g else "" for k in rules]
         lines.append(f"| {patience} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -485,14 +512,14 @@ def grid_lines(grid: dict[str, Any]) -> list[str]:
 def control_lines(controls: dict[str, Any]) -> list[str]:
     lines = ["Controls trained the same way (every epoch kept, the same runs; gains over the adapter, points):", ""]
     lines += [
-        "| control | runs | best_val | latest_best | last_E (E epochs) | best fixed k in hindsight |",
-        "|---|---|---|---|---|---|",
+        "| control | runs | best_val | latest_best | stop_last | last_E (E epochs) | best fixed k in hindsight |",
+        "|---|---|---|---|---|---|---|",
     ]
     gain = lambda g, rule: f"{g[rule]['mean']:+.2f} ± {g[rule]['stderr']:.2f}" if rule in g else ""  # noqa: E731
     for method, c in controls.items():
         g, last, hind = c["gain_over_adapter"], f"last_{c['epochs']}", f"last_{c['best_fixed_epochs']}"
         lines.append(
-            f"| {method} | {c['runs']} | {gain(g, 'best_val')} | {gain(g, 'latest_best')} | "
+            f"| {method} | {c['runs']} | {gain(g, 'best_val')} | {gain(g, 'latest_best')} | {gain(g, 'stop_last')} | "
             f"{gain(g, last)} ({c['epochs']}) | {hind}: {gain(g, hind)} |"
         )
     lines += [
@@ -570,7 +597,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
         ax.axhline(cell["best_val"]["gain_over_adapter"], color="gray", ls="--", label="best_val (former default)")
         ax.axhline(cell["average_to_stop"]["gain_over_adapter"], color="green", ls=":", label="average_to_stop")
         if "latest_best" in cell:
-            ax.axhline(cell["latest_best"]["gain_over_adapter"], color="red", ls="-.", label="latest_best (default)")
+            ax.axhline(cell["latest_best"]["gain_over_adapter"], color="red", ls="-.", label="latest_best")
+            ax.axhline(cell["stop_last"]["gain_over_adapter"], color="purple", ls="-", label="stop_last (default)")
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xlabel("stage-2 epochs (fixed budget)")
         ax.set_ylabel("test accuracy gain over adapter (points)")
@@ -604,7 +632,7 @@ def main() -> None:
         type=int,
         default=0,
         metavar="K",
-        help="also train the library's default stage 2 on the first K runs and assert it keeps latest_best's weights",
+        help="also train the library's default stage 2 on the first K runs and assert it keeps stop_last's weights",
     )
     p.add_argument("--control-epochs", type=int, default=None, help="the controls' stage-2 epochs (default: --epochs)")
     p.add_argument(
@@ -673,11 +701,11 @@ def main() -> None:
         peers = [loaded[d].as_teacher().adapters for d in clinc150.domains() if d != row["tenant"]]
         test = check_default(backbone, row, peers, cfg, args, workdir)
         log.warning(
-            "%s k%d s%d: the default recipe keeps epoch %d, test %.4f = latest_best",
+            "%s k%d s%d: the default recipe keeps epoch %d, test %.4f = stop_last",
             row["tenant"],
             row["shots"],
             row["seed"],
-            latest_best_epoch(row["val"]),
+            latest_stop_epoch(row["val"]),
             test,
         )
     controls = {method: runs(method) for method in args.controls}

@@ -16,7 +16,7 @@ from helpers import fast_config, make_rows, random_tenant, write_tenant
 
 from adistill.augment import KINDS, augment, perturb
 from adistill.backbone import Backbone
-from adistill.config import DistillConfig, RecipeConfig, TransferConfig
+from adistill.config import DistillConfig, RecipeConfig, TrainConfig, TransferConfig
 from adistill.data import few_shot, read_tenant_data
 from adistill.errors import ConfigError, DataError
 from adistill.losses import UNLABELED, distillation_loss
@@ -266,6 +266,37 @@ def test_self_training_uses_confident_pseudo_labels_only(tiny: Backbone, with_un
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), stage1.parameters()))
 
 
+def test_stages_over_a_transfer_set_keep_the_weights_transfer_keep_names(tiny: Backbone, with_unlabeled: Path) -> None:
+    """`transfer.keep` (default `last`) replaces `stage2.keep` for stage 2 and self-training when they train over
+    unlabelled rows; stage 2 on the labelled rows alone keeps `stage2.keep`'s weights (the best epoch's)."""
+    data = read_tenant_data(str(with_unlabeled))
+    stage2 = TrainConfig(epochs=4, lr=0.1, batch_size=16, patience=None)  # a rate at which validation falls back
+    cfg = fast_config("distill").replace(stage2=stage2)
+    assert RecipeConfig().transfer.keep == "last" and RecipeConfig().stage2.keep == "best"
+    assert cfg.stage2_over(40).keep == "last" and cfg.stage2_over(0) == cfg.stage2
+    assert cfg.replace(transfer=TransferConfig(keep=None)).stage2_over(40) == cfg.stage2
+    stage1, _ = train_adapter(tiny, data, cfg)
+    adapters = [t.adapters for t in teachers_for(tiny)]
+    kept, fit = distill(tiny, data, cfg, stage1, adapters)
+    assert (fit.best_epoch, fit.best_val_accuracy) == (4, fit.history[-1]["val_accuracy"])
+    last_cfg = cfg.replace(transfer=TransferConfig(keep=None), stage2=cfg.stage2.replace(keep="last"))
+    same, _ = distill(tiny, data, last_cfg, stage1, adapters)  # the same stage, told to keep the last weights
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), same.state_dict().values()))
+    best_cfg = cfg.replace(transfer=TransferConfig(keep="best"))
+    _, best = distill(tiny, data, best_cfg, stage1, adapters)
+    val = [h["val_accuracy"] for h in best.history]
+    assert best.best_epoch == val.index(max(val)) + 1 and best.best_val_accuracy == max(val)
+    assert best.best_epoch < 4  # this run's best epoch is not its last, so the two rules keep different weights
+    _, labelled_only = distill(tiny, data, cfg, stage1, adapters, transfer=TransferInputs([], "none"))
+    val = [h["val_accuracy"] for h in labelled_only.history]
+    assert labelled_only.best_epoch == val.index(max(val)) + 1
+    _, fit, used = self_train(tiny, data, cfg, stage1, min_confidence=0.0)
+    assert used == 40 and fit.best_epoch == fit.epochs_run == 4
+    _, fit, _ = self_train(tiny, data, best_cfg, stage1, min_confidence=0.0)
+    val = [h["val_accuracy"] for h in fit.history]
+    assert fit.best_epoch == val.index(max(val)) + 1
+
+
 def test_stage2_without_teachers_is_the_no_teacher_control(tiny: Backbone, with_unlabeled: Path) -> None:
     data = read_tenant_data(str(with_unlabeled))
     cfg = fast_config("distill", epochs=1)
@@ -457,6 +488,7 @@ def test_transfer_settings_are_validated_recipe_fields() -> None:
         ({"student_noise": 1.0}, r"transfer.student_noise must be in \[0, 1\)"),
         ({"neighbours": -1}, "transfer.neighbours must be >= 0"),
         ({"neighbour_weight": 0}, r"transfer.neighbour_weight must be in \(0, 1\]"),
+        ({"keep": "median"}, "transfer.keep must be one of"),
         ({"ratios": 2}, r"unknown key\(s\) \['ratios'\] in transfer"),
     ):
         with pytest.raises(ConfigError, match=message):
@@ -476,6 +508,10 @@ def test_tune_spaces_may_search_the_transfer_set() -> None:
     )
     cfg = near.apply(RecipeConfig(), {"transfer.neighbours": 10, "transfer.neighbour_weight": 0.3})
     assert (cfg.transfer.neighbours, cfg.transfer.neighbour_weight) == (10, 0.3)
+    keep = space_from_dict({"params": {"transfer.keep": {"choice": ["best", "last", None]}}})
+    assert keep.apply(RecipeConfig(), {"transfer.keep": None}).transfer.keep is None
+    with pytest.raises(ConfigError, match=r"transfer\.keep"):
+        space_from_dict({"params": {"transfer.keep": {"choice": ["last", "median"]}}})
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['transfer.augment_copies'\]"):
         space_from_dict({"params": {"transfer.augment_copies": {"int": [1, 3]}}})
 

@@ -42,8 +42,9 @@ def self_train(
 ) -> tuple[TenantModel, FitResult, int]:
     """(model, fit, pseudo-labelled rows): `stage1`'s adapter and head trained further with cross-entropy on the
     labelled rows and its own confident pseudo-labels of `data.unlabeled`, batched like stage 2's transfer set
-    (`transfer.ratio`, `transfer.max_per_epoch`) with the stage-2 settings. `min_confidence` defaults to the
-    out-of-scope threshold calibrated on validation (the rows it would answer), else 0.5."""
+    (`transfer.ratio`, `transfer.max_per_epoch`) with the stage-2 settings, keeping `transfer.keep`'s weights
+    (`RecipeConfig.stage2_over`). `min_confidence` defaults to the out-of-scope threshold calibrated on validation (the
+    rows it would answer), else 0.5."""
     if min_confidence is None:
         min_confidence = calibrate(backbone, stage1, data.validation, cfg.max_length) or 0.5
     texts, targets = pseudo_labels(backbone, stage1, data.unlabeled, cfg.max_length, min_confidence)
@@ -65,5 +66,5 @@ def self_train(
         return F.cross_entropy(model.logits(backbone, batch.input_ids, batch.attention_mask), batch.labels)
 
     validate = lambda: accuracy(backbone, model, data.validation, cfg.max_length)  # noqa: E731
-    result = fit("self_training", model, step, validate, rows, cfg.stage2, cfg.seed, progress)
+    result = fit("self_training", model, step, validate, rows, cfg.stage2_over(len(texts)), cfg.seed, progress)
     return model, result, len(texts)

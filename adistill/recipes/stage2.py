@@ -132,7 +132,7 @@ def distill(
         TransferSet(
             backbone, data.train.texts, _label_ids(data, student.labels), transfer.texts, cfg.transfer, cfg.max_length
         ),
-        cfg.stage2,
+        cfg.stage2_over(len(transfer.texts)),
         cfg.seed,
         progress,
     )
