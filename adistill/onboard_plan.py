@@ -112,7 +112,8 @@ def _normalise(obj: Any) -> Any:
 
 def _same_recipe(recorded: Any, cfg: RecipeConfig) -> bool:
     """Whether an artifact's recorded recipe is `cfg`, read as a recipe: a field added since it was trained counts
-    at its default (which is what trained it), so a new recipe field does not retrain every published tenant."""
+    at its default, so a new recipe field does not retrain every published tenant (not even where its default
+    trains differently from the version that trained it: docs/onboarding.md says so)."""
     if not isinstance(recorded, dict):
         return False
     try:
