@@ -360,7 +360,7 @@ class TransferConfig(Config):
     `keep`: the weights a stage that trains over a transfer set returns (stage 2, self-training; null: `stage2.keep`).
     The default `last` keeps the weights of the epoch where validation stopped improving (the stop is still
     `stage2`'s): 150 validation queries can tell when to stop but are too coarse to pick among epochs
-    (benchmarks/results/stopping.md; docs/method.md, "Which weights to keep")."""
+    (benchmarks/results/stopping.md; docs/method.md, "The weights of the stop")."""
 
     ratio: float = 3.0
     max_per_epoch: int | None = 1024
