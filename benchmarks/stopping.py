@@ -28,6 +28,10 @@ unlabelled queries) for the same fixed budget,
 every epoch kept, so the default's fixed budget is compared with each control's own validation stop, its own
 fixed budget, and its best fixed budget in hindsight (a choice that favours the control).
 
+With all four controls the report opens with the six methods of transfer.json as the library's default recipe
+trains them (`LIBRARY`: each read from its trajectory under `RecipeConfig()`'s rules), on the runs that have all
+of them, and the issue's targets.
+
 With `--longer E` the report adds `latest_best` allowed 15, 20, ... up to E epochs, reading the runs still improving
 at epoch 10 from their E-epoch cache (train those with `--epochs E --tenants ...`).
 
@@ -359,6 +363,9 @@ def summarise(
             }
             for seed in cell["seeds"]
         }
+        cell["library"] = library_methods(
+            sub, {m: [r for r in runs if r["shots"] == shots] for m, runs in (controls or {}).items()}
+        )
         cell["controls"] = {
             method: compare_control(sub, scored, [r for r in runs if r["shots"] == shots], patience)
             for method, runs in (controls or {}).items()
@@ -438,6 +445,87 @@ def compare_control(rows: list[dict[str, Any]], scored: list[dict[str, float]], 
     return out
 
 
+# The six methods of issue 17 (transfer.json's rows) as the library's default recipe trains them today: the
+# trajectory each is read from, and the rule that picks its weights (`stage2`'s stop; over a transfer set the
+# weights of the epoch it stops at, `transfer.keep: last`, else its best epoch's, `stage2.keep: best`)
+LIBRARY = {
+    "fusion": ("fusion", "latest_best"),
+    "distill": ("distill", "latest_best"),
+    "distill_transfer": (DEFAULT, "stop_last"),
+    "self_training": ("self_training", "stop_last"),
+    "transfer_no_teachers": ("transfer_no_teachers_noisy", "stop_last"),
+}
+LIBRARY_TARGETS = {5: (("adapter", 2.0), ("fusion", 1.0), ("self_training", 0.5)), 10: (("adapter", 1.0),)}
+
+
+def library_methods(rows: list[dict[str, Any]], controls: dict[str, list]) -> dict[str, Any]:
+    """Test accuracy of the six methods under `RecipeConfig()`'s rules, on the runs that have every trajectory:
+    mean ± s.e., paired gain over the adapter, the stage's epochs and its seconds (the trajectory's seconds per
+    epoch times the epochs the rule runs); and distill_transfer minus each other method, paired. Empty unless every
+    control of `LIBRARY` was trained on these runs."""
+    by_method = {DEFAULT: rows, **controls}
+    if not {trajectory for trajectory, _ in LIBRARY.values()} <= by_method.keys():
+        return {}
+    keyed = {m: {(r["tenant"], r["seed"]): r for r in runs} for m, runs in by_method.items()}
+    common = sorted(set.intersection(*(set(keyed[t]) for t, _ in LIBRARY.values())))
+    adapter = [100 * keyed[DEFAULT][k]["adapter"]["test_accuracy"] for k in common]
+    test: dict[str, list[float]] = {"adapter": adapter}
+    out: dict[str, Any] = {"runs": len(common), "seeds": sorted({seed for _, seed in common})}
+    out["methods"] = {"adapter": {}}
+    for name, (trajectory, rule) in LIBRARY.items():
+        runs = [keyed[trajectory][k] for k in common]
+        assert all(100 * r["adapter"]["test_accuracy"] == a for r, a in zip(runs, adapter)), "stage 1 differs"
+        stops = [latest_stop_epoch(r["val"]) for r in runs]
+        kept = stops if rule == "stop_last" else [latest_best_epoch(r["val"]) for r in runs]
+        test[name] = [100 * r["last"][e - 1] for r, e in zip(runs, kept)]
+        timed = [r["stage2_seconds"] / len(r["val"]) * e for r, e in zip(runs, stops) if r.get("stage2_seconds")]
+        out["methods"][name] = {
+            "epochs_run": statistics.mean(stops),
+            "stage2_seconds": statistics.mean(timed) if timed else None,
+            "timed_runs": len(timed),
+        }
+    for name, acc in test.items():
+        gain = [a - b for a, b in zip(acc, adapter)]
+        cell = out["methods"].setdefault(name, {})
+        cell.update(mean=statistics.mean(acc), stderr=stderr(acc), gain=statistics.mean(gain), gain_stderr=stderr(gain))
+        cell.update(wins=sum(g > 0 for g in gain), losses=sum(g < 0 for g in gain))
+    out["distill_transfer_minus"] = {
+        name: {
+            "mean": statistics.mean(d := [a - b for a, b in zip(test["distill_transfer"], acc)]),
+            "stderr": stderr(d),
+            "wins": sum(x > 0 for x in d),
+            "losses": sum(x < 0 for x in d),
+        }
+        for name, acc in test.items()
+        if name != "distill_transfer"
+    }
+    return out
+
+
+def library_lines(shots: str, lib: dict[str, Any]) -> list[str]:
+    lines = [f"### {shots} shots, {lib['runs']} runs, seeds {lib['seeds']}", ""]
+    lines += [
+        "| method | test % (mean ± s.e.) | gain over adapter | wins / losses | distill_transfer minus it | epochs run "
+        "| stage-2 seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, c in lib["methods"].items():
+        minus = lib["distill_transfer_minus"].get(name)
+        lines.append(
+            f"| {name} | {c['mean']:.2f} ± {c['stderr']:.2f} | {c['gain']:+.2f} ± {c['gain_stderr']:.2f} | "
+            f"{c['wins']} / {c['losses']} | "
+            + (f"{minus['mean']:+.2f} ± {minus['stderr']:.2f} ({minus['wins']} / {minus['losses']})" if minus else "")
+            + (f" | {c['epochs_run']:.1f} | " if "epochs_run" in c else " | | ")
+            + (f"{c['stage2_seconds']:.1f} ({c['timed_runs']} runs) |" if c.get("stage2_seconds") else "|")
+        )
+    lines += ["", "Targets (distill_transfer minus the other method, points):", ""]
+    for base, margin in LIBRARY_TARGETS.get(int(shots), ()):
+        d = lib["distill_transfer_minus"][base]
+        met = "met" if d["mean"] >= margin else "**not met**"
+        lines.append(f"- vs {base}: {d['mean']:+.2f} ± {d['stderr']:.2f} (target ≥ +{margin:.1f}): {met}")
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     lines = ["# Stage 2's stopping rule (one trajectory per run)", ""]
@@ -455,6 +543,21 @@ def markdown(report: dict[str, Any]) -> str:
         "mean ± s.e.",
         "",
     ]
+    if any(cell.get("library") for cell in report["summary"].values()):
+        lines += [
+            "## The six methods as the library's default recipe trains them",
+            "",
+            "Each read from its trajectory under `RecipeConfig()`'s rules: stage 2's stop (`latest_best`'s: patience "
+            f"{LATEST['patience']}, ties later, at most {LATEST['epochs']} epochs); over a transfer set "
+            "(distill_transfer, self_training, transfer_no_teachers; the last two are the controls (a) and (b), the "
+            "noisy student included) the weights of the epoch it stops at (`stop_last`), else its best epoch's "
+            "(`latest_best`: fusion, distill). Stage-2 seconds = the trajectory's seconds per epoch times the epochs "
+            "the rule runs. Paired over the same runs (same data, same stage 1).",
+            "",
+        ]
+        for shots, cell in report["summary"].items():
+            if cell.get("library"):
+                lines += library_lines(shots, cell["library"])
     for shots, cell in report["summary"].items():
         lines += [f"## {shots} shots, {cell['runs']} runs, seeds {cell['seeds']} (adapter {cell['adapter']:.2f} %)", ""]
         lines += [
@@ -504,7 +607,7 @@ def grid_lines(grid: dict[str, Any]) -> list[str]:
     ]
     rules = ("earlier", "later", "later_minus_earlier", "later_last", "last_minus_later")
     for patience, g in grid.items():
-        cells = [f"{g[k]['mean']:+.2f} ± {g[k]['stderr']:.2f}" if k in g else "" for k in rules]
+        cells = [f"{g[k]['mean']:+.2f} ± {g[k]['stderr']:.2f}" for k in rules]
         lines.append(f"| {patience} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 

@@ -292,6 +292,24 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if m.get("note"):
         lines += [m["note"], ""]
+    default = RecipeConfig()
+    # (runs before `stage2_ties` was recorded kept the first best epoch)
+    ran = {
+        "stage2.epochs": m["stage2_epochs"],
+        "stage2.patience": m["stage2_patience"],
+        "stage2.ties": m.get("stage2_ties", "earlier"),
+    }
+    ran.update({f"transfer.{k}": v for k, v in m["transfer"].items()})
+    now = {f"stage2.{k}": getattr(default.stage2, k) for k in ("epochs", "patience", "ties")}
+    now.update({f"transfer.{k}": v for k, v in default.transfer.to_dict().items()})
+    changed = [f"`{k}: {v}` (these runs: {ran.get(k, 'unset')})" for k, v in now.items() if ran.get(k) != v]
+    if changed:
+        lines += [
+            "**Not the library's current default recipe**: it now has " + ", ".join(changed) + ". The six methods "
+            "as the default recipe trains them, on the same runs (data, teachers and stage 1), are in stopping.md, "
+            '"The six methods as the library\'s default recipe trains them" (`benchmarks/stopping.py`).',
+            "",
+        ]
     for shots, cell in report["summary"].items():
         stats = cell["stats"]
         lines += [
@@ -406,6 +424,7 @@ def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: 
         "patience": args.patience,
         "stage2_epochs": cfg.stage2.epochs,
         "stage2_patience": cfg.stage2.patience,
+        "stage2_ties": cfg.stage2.ties,
         "transfer": cfg.transfer.to_dict(),
         "distill": cfg.distill.to_dict(),
         "val_per_label": args.val_per_label,
