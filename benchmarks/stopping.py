@@ -462,12 +462,14 @@ def library_methods(rows: list[dict[str, Any]], controls: dict[str, list]) -> di
     """Test accuracy of the six methods under `RecipeConfig()`'s rules, on the runs that have every trajectory:
     mean ± s.e., paired gain over the adapter, the stage's epochs and its seconds (the trajectory's seconds per
     epoch times the epochs the rule runs); and distill_transfer minus each other method, paired. Empty unless every
-    control of `LIBRARY` was trained on these runs."""
+    control of `LIBRARY` was trained on some of these runs."""
     by_method = {DEFAULT: rows, **controls}
     if not {trajectory for trajectory, _ in LIBRARY.values()} <= by_method.keys():
         return {}
     keyed = {m: {(r["tenant"], r["seed"]): r for r in runs} for m, runs in by_method.items()}
     common = sorted(set.intersection(*(set(keyed[t]) for t, _ in LIBRARY.values())))
+    if not common:
+        return {}
     adapter = [100 * keyed[DEFAULT][k]["adapter"]["test_accuracy"] for k in common]
     test: dict[str, list[float]] = {"adapter": adapter}
     out: dict[str, Any] = {"runs": len(common), "seeds": sorted({seed for _, seed in common})}
