@@ -112,17 +112,23 @@ def run_one(
     return row
 
 
-def cached_runs(args, runs_dir: Path, suffix: str, loaded: dict, methods, run, needs=None) -> list[dict]:
+def cached_runs(
+    args, runs_dir: Path, suffix: str, loaded: dict, methods, run, needs=None, cached_only: bool = False
+) -> list[dict]:
     """Every (shots, seed, tenant) of the arguments, run as `run(domain, shots, seed, peers, done)` with the other
     domains' adapters as peers; each run cached as JSON under `runs_dir`, so a stopped benchmark resumes where it
-    stopped. A cached run for which `needs(row)` holds is run again with `done` = that row (to add methods)."""
+    stopped. A cached run for which `needs(row)` holds is run again with `done` = that row (to add methods). With
+    `cached_only` nothing is trained: the runs that are cached and complete, the others left out."""
     rows = []
     for shots in args.shots:
         for seed in args.seeds:
             for domain in args.tenants or clinc150.domains():
                 cache = runs_dir / f"{domain}-k{shots}-s{seed}{suffix}.json"
                 done = json.loads(cache.read_text()) if cache.exists() else None
-                if done is None or (needs is not None and needs(done)):
+                incomplete = done is None or (needs is not None and needs(done))
+                if incomplete and cached_only:
+                    continue
+                if incomplete:
                     t0 = time.perf_counter()
                     peers = [loaded[d].as_teacher().adapters for d in clinc150.domains() if d != domain]
                     row = run(domain, shots, seed, peers, done)
@@ -272,6 +278,14 @@ def main() -> None:
     p.add_argument("--student-noise", type=float, default=None, help="also the *_noisy rows (with --unlabeled)")
     p.add_argument("--neighbours", type=int, default=0, help="also the *_neighbours rows (with --student-noise)")
     p.add_argument("--neighbours-control", action="store_true", help="with --neighbours: also without teachers")
+    p.add_argument(
+        "--recipe-defaults",
+        action="store_true",
+        help="fusion and stage 2 (with --unlabeled: self-training and the transfer set too) on the library's "
+        "defaults (RecipeConfig(): stage2, transfer); stage 1 still follows --epochs / --patience",
+    )
+    p.add_argument("--resume-from", default=None, help="with --unlabeled: a report whose runs count as cached")
+    p.add_argument("--cached-only", action="store_true", help="with --unlabeled: train nothing, report the runs cached")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--note", default="", help="a sentence for the report (what was run, what was not)")
     args = p.parse_args()
@@ -285,12 +299,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     backbone = load_backbone()
     teachers = teacher_artifacts(backbone, workdir, args.teacher_epochs)
-    cfg = RecipeConfig(
-        stage1=TrainConfig(epochs=args.epochs, lr=1e-3, patience=args.patience),
-        stage2=TrainConfig(
-            epochs=args.stage2_epochs or args.epochs, lr=5e-4, patience=args.stage2_patience or args.patience
-        ),
-    )
+    stage1 = TrainConfig(epochs=args.epochs, lr=1e-3, patience=args.patience)
+    if args.recipe_defaults:  # the library's stage 2 (and, in transfer.py, its transfer set)
+        if args.stage2_epochs or args.stage2_patience:
+            p.error("--recipe-defaults takes stage 2's settings from RecipeConfig(): drop --stage2-*")
+        cfg = RecipeConfig(stage1=stage1)
+    else:
+        cfg = RecipeConfig(
+            stage1=stage1,
+            stage2=TrainConfig(
+                epochs=args.stage2_epochs or args.epochs, lr=5e-4, patience=args.stage2_patience or args.patience
+            ),
+        )
     loaded = {d: load_artifact(p, backbone) for d, p in teachers.items()}
     if args.unlabeled is not None:
         from transfer import run_transfer  # benchmarks/transfer.py

@@ -26,7 +26,11 @@ user's would be. Stage 1 is trained once per run and shared; then, from it:
 
 The six methods above run the default recipe (distill.teacher = joint, the paper's: the fusion trains with the
 student) except for transfer.student_noise, which is 0 in them (the rows were measured before the noisy student
-became the default): `--student-noise 0.2` adds `distill_transfer_noisy`, the default recipe's row.
+became the default): `--student-noise 0.2` adds `distill_transfer_noisy`, the default recipe's row. With
+`--recipe-defaults` the six methods are trained as the library trains a tenant: stage 2, the fusion, self-training
+and the transfer set on `RecipeConfig()`'s settings (stage 1 still the benchmark's `--epochs` / `--patience`, so it
+repeats the runs above); `--resume-from REPORT` counts an earlier report's runs as cached (the same settings), so
+such a benchmark can be spread over machines whose caches are gone.
 
 Writes benchmarks/results/transfer.{json,md,png}; runs are cached under --workdir/transfer.
 """
@@ -292,6 +296,16 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if m.get("note"):
         lines += [m["note"], ""]
+    if m.get("recipe_defaults"):
+        lines += [
+            f"**The library's default recipe** (`--recipe-defaults`): fusion, stage 2 and self-training as "
+            f"`RecipeConfig()` trains them: at most {m['stage2_epochs']} epochs, stopping {m['stage2_patience']} "
+            f"after the {m['stage2_ties']} best validation epoch; over a transfer set the weights of the epoch "
+            f"where it stops (`transfer.keep: {m['transfer']['keep']}`), else the best epoch's; the student sees "
+            f"the unlabelled rows with word-pieces hidden (`transfer.student_noise: {m['transfer']['student_noise']}`)."
+            " Stage 1 is the benchmark's, as in transfer.md.",
+            "",
+        ]
     default = RecipeConfig()
     # (runs before `stage2_ties` was recorded kept the first best epoch)
     ran = {
@@ -379,13 +393,51 @@ def chart(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a report's runs were trained with, beyond data and seeds: two reports' rows can be pooled only when
+    these agree."""
+    keys = ("unlabeled_per_intent", "epochs", "patience", "stage2_epochs", "stage2_patience", "stage2_ties")
+    return {**{k: meta.get(k) for k in keys}, "transfer": meta["transfer"], "distill": meta["distill"]}
+
+
+def resume(report: Path, cfg: RecipeConfig, args: Any, runs_dir: Path) -> None:
+    """Count an earlier report's runs as cached (a benchmark spread over machines whose caches are gone), once its
+    settings are checked against these arguments'; runs already in the cache are kept."""
+    earlier = json.loads(report.read_text())
+    now = {
+        "unlabeled_per_intent": args.unlabeled,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "stage2_epochs": cfg.stage2.epochs,
+        "stage2_patience": cfg.stage2.patience,
+        "stage2_ties": cfg.stage2.ties,
+    }
+    now = {**now, "transfer": cfg.transfer.to_dict(), "distill": cfg.distill.to_dict()}
+    if settings(earlier["meta"]) != now:
+        raise SystemExit(f"{report}: its runs were trained with other settings: {settings(earlier['meta'])}")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for row in earlier["runs"]:
+        cache = runs_dir / f"{row['tenant']}-k{row['shots']}-s{row['seed']}-n{args.unlabeled}.json"
+        if not cache.exists():
+            cache.write_text(json.dumps(row, indent=1))
+
+
 def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: Path, out: Path) -> None:
     """The `--unlabeled N` mode of benchmarks/accuracy.py (its arguments, teachers and recipe)."""
-    # student_noise 0: the six methods' rows keep the meaning they were measured with; the recipe's default noise
-    # is what --student-noise P adds as the *_noisy rows
-    transfer = TransferConfig(ratio=args.transfer_ratio, max_per_epoch=args.transfer_max, student_noise=0.0)
-    cfg = cfg.replace(transfer=transfer)
+    if args.recipe_defaults:  # the six methods as the library trains them: RecipeConfig()'s transfer set
+        if (args.transfer_ratio, args.transfer_max) != (cfg.transfer.ratio, cfg.transfer.max_per_epoch):
+            raise SystemExit("--recipe-defaults takes the transfer set's settings from RecipeConfig()")
+        if args.student_noise is not None or args.neighbours or args.augment or args.fitted_teacher:
+            raise SystemExit("--recipe-defaults runs the six methods only")
+    else:
+        # student_noise 0: the six methods' rows keep the meaning they were measured with; the recipe's default
+        # noise is what --student-noise P adds as the *_noisy rows
+        transfer = TransferConfig(ratio=args.transfer_ratio, max_per_epoch=args.transfer_max, student_noise=0.0)
+        cfg = cfg.replace(transfer=transfer)
     data_dir = workdir / "transfer" / "data"
+    runs_dir = workdir / "transfer" / ("runs-defaults" if args.recipe_defaults else "runs")
+    if args.resume_from:
+        resume(Path(args.resume_from), cfg, args, runs_dir)
 
     def run(domain: str, shots: int, seed: int, peers: list, done: dict[str, Any] | None) -> dict[str, Any]:
         return run_one(
@@ -411,13 +463,13 @@ def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: 
     if args.neighbours:
         wanted += [m for m, on in zip(NEIGHBOURS, (True, args.neighbours_control, args.fitted_teacher)) if on]
     needs = lambda row: any(m not in row for m in wanted)  # noqa: E731
-    rows = cached_runs(args, workdir / "transfer" / "runs", f"-n{args.unlabeled}", loaded, METHODS, run, needs)
+    rows = cached_runs(args, runs_dir, f"-n{args.unlabeled}", loaded, METHODS, run, needs, args.cached_only)
     meta = {
         "backbone": backbone.name,
         "machine": args.machine,
         "date": time.strftime("%Y-%m-%d"),
-        "shots": args.shots,
-        "seeds": args.seeds,
+        "shots": sorted({r["shots"] for r in rows}),  # those reported (with --cached-only, those cached)
+        "seeds": sorted({r["seed"] for r in rows}),
         "tenants": len({r["tenant"] for r in rows}),
         "unlabeled_per_intent": args.unlabeled,
         "epochs": args.epochs,
@@ -425,6 +477,8 @@ def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: 
         "stage2_epochs": cfg.stage2.epochs,
         "stage2_patience": cfg.stage2.patience,
         "stage2_ties": cfg.stage2.ties,
+        "stage2_keep": cfg.stage2.keep,
+        "recipe_defaults": args.recipe_defaults,
         "transfer": cfg.transfer.to_dict(),
         "distill": cfg.distill.to_dict(),
         "val_per_label": args.val_per_label,
