@@ -393,31 +393,31 @@ def chart(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def settings(meta: dict[str, Any]) -> dict[str, Any]:
-    """What a report's runs were trained with, beyond data and seeds: two reports' rows can be pooled only when
-    these agree."""
-    keys = ("unlabeled_per_intent", "epochs", "patience", "stage2_epochs", "stage2_patience", "stage2_ties")
-    return {**{k: meta.get(k) for k in keys}, "transfer": meta["transfer"], "distill": meta["distill"]}
-
-
-def resume(report: Path, cfg: RecipeConfig, args: Any, runs_dir: Path) -> None:
-    """Count an earlier report's runs as cached (a benchmark spread over machines whose caches are gone), once its
-    settings are checked against these arguments'; runs already in the cache are kept."""
-    earlier = json.loads(report.read_text())
-    now = {
+def run_settings(args: Any, cfg: RecipeConfig) -> dict[str, Any]:
+    """What the runs are trained with, beyond data and seeds (a report's meta holds them): two reports' rows can be
+    pooled only when these agree."""
+    return {
         "unlabeled_per_intent": args.unlabeled,
         "epochs": args.epochs,
         "patience": args.patience,
         "stage2_epochs": cfg.stage2.epochs,
         "stage2_patience": cfg.stage2.patience,
         "stage2_ties": cfg.stage2.ties,
+        "transfer": cfg.transfer.to_dict(),
+        "distill": cfg.distill.to_dict(),
     }
-    now = {**now, "transfer": cfg.transfer.to_dict(), "distill": cfg.distill.to_dict()}
-    if settings(earlier["meta"]) != now:
-        raise SystemExit(f"{report}: its runs were trained with other settings: {settings(earlier['meta'])}")
+
+
+def resume(report: Path, settings: dict[str, Any], runs_dir: Path) -> None:
+    """Count an earlier report's runs as cached (a benchmark spread over machines whose caches are gone), once its
+    settings are checked against these (`run_settings`); runs already in the cache are kept."""
+    earlier = json.loads(report.read_text())
+    theirs = {k: earlier["meta"].get(k) for k in settings}
+    if theirs != settings:
+        raise SystemExit(f"{report}: its runs were trained with other settings: {theirs}")
     runs_dir.mkdir(parents=True, exist_ok=True)
     for row in earlier["runs"]:
-        cache = runs_dir / f"{row['tenant']}-k{row['shots']}-s{row['seed']}-n{args.unlabeled}.json"
+        cache = runs_dir / f"{row['tenant']}-k{row['shots']}-s{row['seed']}-n{settings['unlabeled_per_intent']}.json"
         if not cache.exists():
             cache.write_text(json.dumps(row, indent=1))
 
@@ -437,7 +437,7 @@ def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: 
     data_dir = workdir / "transfer" / "data"
     runs_dir = workdir / "transfer" / ("runs-defaults" if args.recipe_defaults else "runs")
     if args.resume_from:
-        resume(Path(args.resume_from), cfg, args, runs_dir)
+        resume(Path(args.resume_from), run_settings(args, cfg), runs_dir)
 
     def run(domain: str, shots: int, seed: int, peers: list, done: dict[str, Any] | None) -> dict[str, Any]:
         return run_one(
@@ -471,16 +471,9 @@ def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: 
         "shots": sorted({r["shots"] for r in rows}),  # those reported (with --cached-only, those cached)
         "seeds": sorted({r["seed"] for r in rows}),
         "tenants": len({r["tenant"] for r in rows}),
-        "unlabeled_per_intent": args.unlabeled,
-        "epochs": args.epochs,
-        "patience": args.patience,
-        "stage2_epochs": cfg.stage2.epochs,
-        "stage2_patience": cfg.stage2.patience,
-        "stage2_ties": cfg.stage2.ties,
+        **run_settings(args, cfg),
         "stage2_keep": cfg.stage2.keep,
         "recipe_defaults": args.recipe_defaults,
-        "transfer": cfg.transfer.to_dict(),
-        "distill": cfg.distill.to_dict(),
         "val_per_label": args.val_per_label,
         "teacher_val_accuracy": {d: a.meta["metrics"]["validation"]["accuracy"] for d, a in loaded.items()},
         "out_of_scope_label": OOS_LABEL,
