@@ -83,6 +83,24 @@ def write_tenant(path: Path, labels: list[str], seed: int = 0, per_label: int = 
     return path
 
 
+def tenant_folder(source: Path, folder: Path, unlabeled: int, name: str = "unlabeled.csv") -> Path:
+    """`source`'s labelled rows as one file per split in `folder`, beside `name` holding `unlabeled` queries
+    without labels (a `text` column): the tenant-folder layout of docs/onboarding.md."""
+    folder.mkdir(parents=True)
+    rows = pq.read_table(source).to_pylist()
+    for split in sorted({r["split"] for r in rows}):
+        pq.write_table(pa.Table.from_pylist([r for r in rows if r["split"] == split]), folder / f"{split}.parquet")
+    texts = [f"an unlabelled query {i}" for i in range(unlabeled)]
+    path = folder / name
+    if path.suffix == ".parquet":
+        pq.write_table(pa.table({"text": texts}), path)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(f'{{"text": "{t}"}}\n' for t in texts))
+    else:
+        path.write_text("text\n" + "".join(f"{t}\n" for t in texts))
+    return folder
+
+
 def write_intents_csv(
     path: Path, labels: list[str], columns: tuple[str, str] = ("query", "category"), per_label: int = 12, seed: int = 0
 ) -> Path:

@@ -19,7 +19,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import PYTHON, cli_env, fast_config, free_ports, kill_cli_when, run_cli, write_intents_csv
+from helpers import (
+    PYTHON,
+    cli_env,
+    fast_config,
+    free_ports,
+    kill_cli_when,
+    run_cli,
+    tenant_folder,
+    write_intents_csv,
+)
 
 from adistill.backbone import Backbone
 from adistill.cli import main
@@ -104,8 +113,10 @@ def test_onboard_to_s3_then_teachers_bad_tenant_and_skip(
     # Second batch: two new tenants learn from the first three; one tenant's data is unusable.
     write_intents_csv(tmp_path / "shop.csv", ["pay_bill", "recipe", "hotel"], per_label=20, seed=5)
     pq.write_table(pa.Table.from_pylist([{"text": "only one label", "label": "a"}] * 4), tmp_path / "broken.parquet")
+    # `new` is a folder: its labelled rows and 12 queries its users typed, without labels
+    new = tenant_folder(tenants_dir / "new.parquet", tmp_path / "new", unlabeled=12, name="unlabeled.jsonl")
     second = {
-        "new": tenants_dir / "new.parquet",
+        "new": new,
         "broken": tmp_path / "broken.parquet",
         "shop": tmp_path / "shop.csv",
     }
@@ -129,6 +140,7 @@ def test_onboard_to_s3_then_teachers_bad_tenant_and_skip(
         lineage = sorted((t["tenant_id"], t["version"], t["sha256"]) for t in meta["teachers"])
         assert lineage == sorted((n, 1, registry.get(n, tiny, 1).sha256) for n in first)
         assert meta["method"] == "distill" and "stage2" in meta["metrics"]["seconds"]
+        assert meta["metrics"].get("unlabeled_examples") == (12 if tenant == "new" else None)  # stage 2 used them
         assert meta["teacher_selection"]["strategy"] == "similar"  # the default selector, k = 10 >= 3 candidates
         assert sorted(meta["teacher_selection"]["chosen"]) == sorted(first)
         assert registry.get(tenant, tiny).model.adapters is not None

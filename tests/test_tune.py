@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import ROOT, fast_config, kill_cli_when, run_cli
+from helpers import ROOT, fast_config, kill_cli_when, run_cli, tenant_folder
 
 from adistill.backbone import Backbone
 from adistill.cli import main
@@ -179,13 +179,20 @@ def test_smoke_search_finds_a_best_config_inside_the_space_and_saves_a_recipe(
     ray_local: Any,
     registry_with_teachers: str,
     tune_manifest: Path,
+    tenants_dir: Path,
     tiny_path: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out, recipe = tmp_path / "tune.json", tmp_path / "best.yaml"
+    new = tenant_folder(tenants_dir / "new.parquet", tmp_path / "new", unlabeled=12)  # with 12 queries, no labels
+    manifest = tmp_path / "tenants.yaml"
+    entries = [
+        {**e, "data": str(new)} if e["id"] == "new" else e for e in yaml.safe_load(tune_manifest.read_text())["tenants"]
+    ]
+    manifest.write_text(yaml.safe_dump({"tenants": entries}))
     argv = [
-        *smoke_argv(tune_manifest, registry_with_teachers, tiny_path, tmp_path),
+        *smoke_argv(manifest, registry_with_teachers, tiny_path, tmp_path),
         "--teacher-select",
         "random",
         "--teacher-k",
@@ -205,6 +212,7 @@ def test_smoke_search_finds_a_best_config_inside_the_space_and_saves_a_recipe(
     assert best["lr"] == report["best_params"]["stage2.lr"]
     assert report["best_metric"] == max(t["val_accuracy"] for t in report["trials"])
     assert 0.0 <= report["best_metric"] <= 1.0
+    assert all(t["unlabeled_examples"] == {"new": 12} for t in report["trials"])  # every trial's stage 2 used them
     assert set(report["stage1_val_accuracy"]) == {"new"}
     selection = report["teacher_selection"]["new"]  # stage 2 of every trial used the one teacher chosen
     assert selection["strategy"] == "random" and len(selection["chosen"]) == 1 and selection["considered"] >= 2

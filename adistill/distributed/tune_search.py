@@ -38,6 +38,7 @@ class TrialOutcome:
     per_tenant: dict[str, float] = field(default_factory=dict)
     test_accuracy: float | None = None
     error: str | None = None
+    unlabeled_examples: dict[str, int] = field(default_factory=dict)  # per tenant, when its stage 2 used them
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -91,6 +92,7 @@ def trial_outcome(result: Any, space: SearchSpace, max_t: int) -> TrialOutcome:
         per_tenant={k: float(v) for k, v in (metrics.get("per_tenant") or {}).items()},
         test_accuracy=None if metrics.get("test_accuracy") is None else float(metrics["test_accuracy"]),
         error=error,
+        unlabeled_examples={k: int(v) for k, v in (metrics.get("unlabeled_examples") or {}).items()},
     )
 
 

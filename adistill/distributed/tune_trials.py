@@ -76,6 +76,9 @@ class _MeanReport(TuneReportCallback):
             if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
                 merged[key] = sum(values) / len(values)  # type: ignore[arg-type]
         merged["per_tenant"] = {str(m.get("tenant")): m.get(METRIC) for m in metrics}
+        used = {str(m.get("tenant")): m["unlabeled_examples"] for m in metrics if "unlabeled_examples" in m}
+        if used:  # the last report: how many unlabelled queries each tenant's stage 2 trained on
+            merged["unlabeled_examples"] = used
         merged["placement_group"] = metrics[0].get("placement_group")
         super().after_report(run_context, [merged], checkpoint)
 
@@ -102,12 +105,14 @@ class _Lockstep:
         self.sent += 1
         ray.train.report(metrics)
 
-    def close(self, best: float, test_accuracy: float | None) -> None:
+    def close(self, best: float, test_accuracy: float | None, unlabeled_examples: int | None = None) -> None:
         while self.sent < self.epochs - 1:  # stopped by `patience`
             self.send({**self.last, "epoch": self.sent + 1, METRIC: best})
         final = {**self.last, "epoch": self.epochs, METRIC: best}
         if test_accuracy is not None:
             final["test_accuracy"] = test_accuracy
+        if unlabeled_examples is not None:
+            final["unlabeled_examples"] = unlabeled_examples
         self.send(final)
 
 
@@ -132,7 +137,7 @@ def _trial_worker(loop_config: dict[str, Any]) -> None:
     reports = _Lockstep(tenant["id"], cfg.stage2.epochs)
     result = train_resumable(tenant["id"], backbone, data, cfg, teachers, reports.epoch, saved_stage1=stage1)
     test = result.metrics.get("test", {}).get("accuracy")
-    reports.close(result.stages["stage2"].best_val_accuracy, test)
+    reports.close(result.stages["stage2"].best_val_accuracy, test, result.metrics.get("unlabeled_examples"))
 
 
 def _merge_values(recipe: RecipeConfig, config: dict[str, Any]) -> dict[str, Any]:
