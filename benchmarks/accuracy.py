@@ -112,6 +112,11 @@ def run_one(
     return row
 
 
+def run_cache(runs_dir: Path, domain: str, shots: int, seed: int, suffix: str) -> Path:
+    """Where `cached_runs` keeps one run."""
+    return runs_dir / f"{domain}-k{shots}-s{seed}{suffix}.json"
+
+
 def cached_runs(
     args, runs_dir: Path, suffix: str, loaded: dict, methods, run, needs=None, cached_only: bool = False
 ) -> list[dict]:
@@ -123,7 +128,7 @@ def cached_runs(
     for shots in args.shots:
         for seed in args.seeds:
             for domain in args.tenants or clinc150.domains():
-                cache = runs_dir / f"{domain}-k{shots}-s{seed}{suffix}.json"
+                cache = run_cache(runs_dir, domain, shots, seed, suffix)
                 done = json.loads(cache.read_text()) if cache.exists() else None
                 incomplete = done is None or (needs is not None and needs(done))
                 if incomplete and cached_only:

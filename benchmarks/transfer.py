@@ -47,7 +47,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from accuracy import cached_runs, stderr, subsample_validation
+from accuracy import cached_runs, run_cache, stderr, subsample_validation
 
 from adistill.config import RecipeConfig, TransferConfig
 from adistill.data import OOS_LABEL, few_shot, read_tenant_data
@@ -408,7 +408,7 @@ def run_settings(args: Any, cfg: RecipeConfig) -> dict[str, Any]:
     }
 
 
-def resume(report: Path, settings: dict[str, Any], runs_dir: Path) -> None:
+def resume(report: Path, settings: dict[str, Any], runs_dir: Path, suffix: str) -> None:
     """Count an earlier report's runs as cached (a benchmark spread over machines whose caches are gone), once its
     settings are checked against these (`run_settings`); runs already in the cache are kept."""
     earlier = json.loads(report.read_text())
@@ -417,7 +417,7 @@ def resume(report: Path, settings: dict[str, Any], runs_dir: Path) -> None:
         raise SystemExit(f"{report}: its runs were trained with other settings: {theirs}")
     runs_dir.mkdir(parents=True, exist_ok=True)
     for row in earlier["runs"]:
-        cache = runs_dir / f"{row['tenant']}-k{row['shots']}-s{row['seed']}-n{settings['unlabeled_per_intent']}.json"
+        cache = run_cache(runs_dir, row["tenant"], row["shots"], row["seed"], suffix)
         if not cache.exists():
             cache.write_text(json.dumps(row, indent=1))
 
@@ -436,8 +436,9 @@ def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: 
         cfg = cfg.replace(transfer=transfer)
     data_dir = workdir / "transfer" / "data"
     runs_dir = workdir / "transfer" / ("runs-defaults" if args.recipe_defaults else "runs")
+    suffix = f"-n{args.unlabeled}"
     if args.resume_from:
-        resume(Path(args.resume_from), run_settings(args, cfg), runs_dir)
+        resume(Path(args.resume_from), run_settings(args, cfg), runs_dir, suffix)
 
     def run(domain: str, shots: int, seed: int, peers: list, done: dict[str, Any] | None) -> dict[str, Any]:
         return run_one(
@@ -463,7 +464,7 @@ def run_transfer(args: Any, backbone, loaded: dict, cfg: RecipeConfig, workdir: 
     if args.neighbours:
         wanted += [m for m, on in zip(NEIGHBOURS, (True, args.neighbours_control, args.fitted_teacher)) if on]
     needs = lambda row: any(m not in row for m in wanted)  # noqa: E731
-    rows = cached_runs(args, runs_dir, f"-n{args.unlabeled}", loaded, METHODS, run, needs, args.cached_only)
+    rows = cached_runs(args, runs_dir, suffix, loaded, METHODS, run, needs, args.cached_only)
     meta = {
         "backbone": backbone.name,
         "machine": args.machine,

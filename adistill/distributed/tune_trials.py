@@ -77,7 +77,7 @@ class _MeanReport(TuneReportCallback):
                 merged[key] = sum(values) / len(values)  # type: ignore[arg-type]
         merged["per_tenant"] = {str(m.get("tenant")): m.get(METRIC) for m in metrics}
         used = {str(m.get("tenant")): m["unlabeled_examples"] for m in metrics if "unlabeled_examples" in m}
-        if used:  # the last report: how many unlabelled queries each tenant's stage 2 trained on
+        if used:  # how many unlabelled queries each tenant's stage 2 trains on
             merged["unlabeled_examples"] = used
         merged["placement_group"] = metrics[0].get("placement_group")
         super().after_report(run_context, [merged], checkpoint)
@@ -88,9 +88,11 @@ class _Lockstep:
     reports exactly `epochs` times: a tenant that early-stopped repeats its best so far, and the last report waits
     for the test accuracy."""
 
-    def __init__(self, tenant_id: str, epochs: int) -> None:
+    def __init__(self, tenant_id: str, epochs: int, unlabeled: int) -> None:
         group = ray.util.get_current_placement_group()
         self.base: dict[str, Any] = {"tenant": tenant_id, "placement_group": group.id.hex() if group else None}
+        if unlabeled:  # in every report, as a scheduler may stop the trial after any epoch
+            self.base["unlabeled_examples"] = unlabeled  # stage 2 of tune (teachers, `distill`) trains on them all
         self.epochs, self.sent, self.last = epochs, 0, dict(self.base)
 
     def epoch(self, event: dict[str, object]) -> None:
@@ -105,14 +107,12 @@ class _Lockstep:
         self.sent += 1
         ray.train.report(metrics)
 
-    def close(self, best: float, test_accuracy: float | None, unlabeled_examples: int | None = None) -> None:
+    def close(self, best: float, test_accuracy: float | None) -> None:
         while self.sent < self.epochs - 1:  # stopped by `patience`
             self.send({**self.last, "epoch": self.sent + 1, METRIC: best})
         final = {**self.last, "epoch": self.epochs, METRIC: best}
         if test_accuracy is not None:
             final["test_accuracy"] = test_accuracy
-        if unlabeled_examples is not None:
-            final["unlabeled_examples"] = unlabeled_examples
         self.send(final)
 
 
@@ -134,10 +134,10 @@ def _trial_worker(loop_config: dict[str, Any]) -> None:
     if stage1 is None:
         raise AdistillError(f"stage 1 of {tenant['id']!r} is missing from the experiment's storage")
     teachers = TeacherShelf(context["teachers"], backbone).get([tuple(p) for p in tenant["teachers"]])
-    reports = _Lockstep(tenant["id"], cfg.stage2.epochs)
+    reports = _Lockstep(tenant["id"], cfg.stage2.epochs, len(data.unlabeled))
     result = train_resumable(tenant["id"], backbone, data, cfg, teachers, reports.epoch, saved_stage1=stage1)
     test = result.metrics.get("test", {}).get("accuracy")
-    reports.close(result.stages["stage2"].best_val_accuracy, test, result.metrics.get("unlabeled_examples"))
+    reports.close(result.stages["stage2"].best_val_accuracy, test)
 
 
 def _merge_values(recipe: RecipeConfig, config: dict[str, Any]) -> dict[str, Any]:
