@@ -136,6 +136,7 @@ def summary(latencies: list[float], statuses: dict[str, int]) -> dict[str, Any]:
 def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     import ray
 
+    from adistill.distributed import serve_gate
     from adistill.distributed.serve import ServeConfig, serving
 
     spec = backbone_spec(args.backbone, scratch)
@@ -163,7 +164,12 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "device": args.device,
         "max_batch_size": args.batch,
         "batch_wait_timeout_s": 0.002,
-        "ray_actor_options": {"num_cpus": 1, **({"num_gpus": args.num_gpus} if args.num_gpus else {})},
+        "ray_actor_options": {
+            "num_cpus": 1,
+            **({"num_gpus": args.num_gpus} if args.num_gpus else {}),
+            # --no-gate: Serve's middleware hook left empty, so every refusal passes Serve's bookkeeping first
+            **({"runtime_env": {"env_vars": {serve_gate.CALLBACK_ENV: ""}}} if args.no_gate else {}),
+        },
         "quota": quota,
         "tenant_quotas": {"flood": flood_quota} if flood_quota else None,
     }
@@ -224,6 +230,8 @@ def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quie
         daemon=True,
     )
     before = metrics()
+    cpu = ProcessCpu()
+    cpu.start()
     flooder.start()
     if not started.wait(timeout=300):
         raise RuntimeError("the flood did not start within 300 s")
@@ -232,6 +240,7 @@ def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quie
     stop.set()
     flood_report = out.get(timeout=300)
     flooder.join(timeout=60)
+    replica_cpu_s = sum(v for k, v in cpu.stop().items() if k.startswith("replica:"))
     after = metrics()
     log.warning("under flood: %s; flood: %s", summary(*under_flood), flood_report)
 
@@ -265,6 +274,11 @@ def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quie
             "max_waiting_rows": after["queue"]["max_waiting_rows"],
             "refused": after["http"]["refused"]["by_tenant"],
             "replica_gc": _gc_during(before, after),
+            # the replica's CPU (its HTTP server, routes and forwards) per request of the flood's
+            "replica_cpu_s": round(replica_cpu_s, 2),
+            "replica_cpu_ms_per_flood_request": round(1000 * replica_cpu_s / flood_requests, 3)
+            if (flood_requests := sum(flood_report["statuses"].values()))
+            else None,
         },
     }
     q_alone, q_flood = report["quiet_alone"], report["quiet_under_flood"]
@@ -319,7 +333,9 @@ def markdown(report: dict[str, Any]) -> str:
         + (f", the flooding tenant's own: {', '.join(overrides)}" if overrides else "")
         + ", flood clients "
         f"{'ignore' if s['flood_ignores_retry_after'] else 'honour'} Retry-After, HTTP front "
-        f"{s.get('http_proxy', 'ray')}. {m['cpu']} ({m['cores']} cores), "
+        f"{s.get('http_proxy', 'ray')}"
+        + (", without the replica's gate (`--no-gate`)" if s.get("no_gate") else "")
+        + f". {m['cpu']} ({m['cores']} cores), "
         f"{report['date']}; "
         + (
             f"the encoder replica pinned to CPU {report['pinned']['replica_cpus']}, the clients, Ray and the HTTP "
@@ -341,7 +357,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Flood: {f['ok_per_s']} answered requests/s, p50/p99 {f['p50_ms']}/{f['p99_ms']} ms, statuses "
         f"{json.dumps(f['statuses'])}. During the flood: {d['batches']} batches, {d['mean_batch_rows']} rows and "
         f"{d['mean_batch_tenants']} tenants per batch, {d['forward_ms_per_batch']} ms per forward, at most "
-        f"{d['max_waiting_rows']} rows waiting; refused per tenant {json.dumps(d['refused'])}.",
+        f"{d['max_waiting_rows']} rows waiting; refused per tenant {json.dumps(d['refused'])}. The replica's CPU "
+        f"during the flood: {d.get('replica_cpu_s')} s, {d.get('replica_cpu_ms_per_flood_request')} ms per flood "
+        "request (HTTP handling, routes and forwards).",
         "",
         f"Replica garbage collector ({d['replica_gc']['frozen_objects']} start-up objects frozen by Serve): "
         + "; ".join(
@@ -372,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood-ignores-retry-after", action="store_true", help="flood clients retry 429s at once")
     p.add_argument("--no-quotas", action="store_true", help="no per-tenant limits: the fair batch queue alone")
     p.add_argument("--flood-requests-per-s", type=float, default=None, help="the flooding tenant's own quota")
+    p.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="without the replica's gate (serve_gate): refusals pass Serve's per-request bookkeeping first",
+    )
     p.add_argument(
         "--pin-replica",
         action="store_true",
@@ -405,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("batch", "device", "num_gpus", "requests", "flood_clients", "flood_texts", "no_quotas")
         + ("flood_requests_per_s", "flood_burst", "flood_rows_in_flight", "flood_ignores_retry_after")
         + ("flood_warmup_s", "quick", "pin_replica")
-        + ("http_proxy",)
+        + ("http_proxy", "no_gate")
     }
     report["machine"] = {
         "cpu": platform.processor() or platform.machine(),

@@ -86,6 +86,12 @@ def test_sigterm_to_the_process_group_stops_serve_cleanly(registry: Registry, ti
         assert httpx.post(url, json={"texts": ["pay my bill"]}).status_code == 401
         r = httpx.post(url, content=b'{"texts": ["pay my bill"]}', headers={"authorization": f"Bearer {admin}"})
         assert r.status_code == 200, r.text  # the environment's admin key, and a body without a content type
+        wrong = httpx.post(url, json={"texts": ["x"]}, headers={"authorization": f"Bearer {admin[:-2]}xx"})
+        assert wrong.status_code == 401 and wrong.headers["x-request-id"], wrong.headers
+        counters = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"authorization": f"Bearer {admin}"}).json()
+        # behind HAProxy each replica runs its own HTTP server, and its gate (serve_gate) refused the wrong key
+        # before Serve's bookkeeping; behind Serve's Python proxy the gate is not on the path
+        assert (counters["http"]["refused_at_gate"] >= 1) == (front == "haproxy"), counters["http"]
         start = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)  # the whole group: the CLI and the Ray processes it started
         proc.wait(timeout=90)
@@ -93,6 +99,11 @@ def test_sigterm_to_the_process_group_stops_serve_cleanly(registry: Registry, ti
         reader.join(timeout=10)
         out, err = proc.stdout.read() if proc.stdout else "", "".join(lines)
     finally:
+        if proc.poll() is None:  # a failed check: stop it cleanly first, or HAProxy outlives it and holds its ports
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     assert took < 30, f"stopped after {took:.0f} s"

@@ -26,6 +26,7 @@ from typing import Any
 
 from ray import serve
 
+from adistill.distributed import serve_gate
 from adistill.distributed.common import ensure_ray
 from adistill.distributed.serve_group import EncoderGroup
 from adistill.errors import ConfigError
@@ -51,8 +52,17 @@ def build(config: ServeConfig) -> serve.Application:
     return EncoderGroup.options(  # type: ignore[attr-defined]
         **scaling,
         max_ongoing_requests=config.ongoing_requests,
-        ray_actor_options=config.ray_actor_options,
+        ray_actor_options=with_gate(config.ray_actor_options),
     ).bind(config)
+
+
+def with_gate(actor_options: dict[str, Any]) -> dict[str, Any]:
+    """`actor_options` with Serve's HTTP middleware hook naming serve_gate in the replicas' environment (their own
+    HTTP servers, in Serve's HAProxy mode, then refuse what the front door will refuse before Serve's bookkeeping);
+    the caller's own runtime_env and env_vars are kept, and an import path they set for the hook wins."""
+    runtime_env = dict(actor_options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {serve_gate.CALLBACK_ENV: serve_gate.CALLBACK, **(runtime_env.get("env_vars") or {})}
+    return {**actor_options, "runtime_env": runtime_env}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -22,7 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from adistill.distributed import metrics
+from adistill.distributed import metrics, serve_gate
 from adistill.distributed.serve_http import (
     ERRORS,
     SECURED,
@@ -43,6 +43,18 @@ from adistill.inference.serve_config import ServeConfig
 from adistill.tenant_id import TENANT_ID_PATTERN, validate_tenant_id
 
 log = logging.getLogger(__name__)
+
+
+def access_denial(principal: Principal | None, need: str, tenant: str | None) -> tuple[int, str] | None:
+    """(401 or 403, why) when `principal` (None: no valid key) may not call a route that needs `need` ("tenant", for
+    `tenant`; "admin"; "any" valid key), else None."""
+    if principal is None:
+        return 401, "missing or unknown API key: send 'Authorization: Bearer <key>'"
+    if need == "admin" and not principal.admin:
+        return 403, "this route needs an admin key"
+    if need == "tenant" and tenant is not None and not principal.may_call(tenant):
+        return 403, f"this key may not call tenant {tenant!r}"
+    return None
 
 
 def json_response(payload: dict[str, Any], status: int = 200) -> Response:
@@ -67,6 +79,7 @@ class EncoderGroup:
         self.auth = Authenticator(store, [env_key] if env_key else [], config.poll_interval_s)
         self.limiter = QuotaLimiter(config.quota, config.quota_overrides(), share=config.quota_share)
         self.refusals = RefusalCounter()
+        self.refused_at_gate = 0  # refusals serve_gate answered before Serve's per-request bookkeeping
         self._refresh_lock: asyncio.Lock | None = None
         self._key_poll: asyncio.Task[None] | None = None
         if config.auth:
@@ -76,6 +89,7 @@ class EncoderGroup:
         else:
             log.warning("auth is off: anyone who reaches this service may call every tenant")
         api.state.group = self
+        serve_gate.install(self)  # refusals before Serve's per-request bookkeeping (in Serve's HAProxy mode)
         self.gc = GcPauses().start()  # /metrics: the collector's pauses (Serve freezes the start-up heap after this)
 
     # -- the front door (called by serve_http.FrontDoor before routing) ----------------------------------------
@@ -85,18 +99,29 @@ class EncoderGroup:
         if not self.config.auth:
             return ANYONE
         principal = await self.authenticate(authorization)
-        if principal is None:
-            return self.refuse(401, "missing or unknown API key: send 'Authorization: Bearer <key>'", tenant)
-        if need == "admin" and not principal.admin:
-            return self.refuse(403, "this route needs an admin key", tenant)
-        if need == "tenant" and tenant is not None and not principal.may_call(tenant):
-            return self.refuse(403, f"this key may not call tenant {tenant!r}", tenant)
+        denial = access_denial(principal, need, tenant)
+        if denial is not None:
+            return self.refuse(*denial, tenant)
+        assert principal is not None  # access_denial refuses a missing principal
         return principal
 
     def over_quota(self, tenant: str) -> JSONResponse | None:
         """The front door's 429 (counted) for a tenant already at its limit, before the request's body is read."""
         refusal = self.limiter.precheck(tenant)
         return None if refusal is None else self.refuse(429, refusal.reason, tenant, refusal.retry_after_s)
+
+    def refuses_now(self, method: str, need: tuple[str, str | None], authorization: str | None) -> bool:
+        """Whether the front door will refuse this request (401, 403, or the 429 of a predict for a tenant at its
+        quota) without waiting for anything: serve_gate then answers it before Serve's per-request bookkeeping.
+        False while the keys are due a refresh (the front door reads them first) and for anything else."""
+        kind, tenant = need
+        if self.config.auth:
+            if self.auth.stale():
+                return False
+            if access_denial(self.auth.authenticate(authorization), kind, tenant) is not None:
+                return True
+        quota_route = kind == "tenant" and tenant is not None and method == "POST"
+        return quota_route and tenant is not None and self.limiter.precheck(tenant) is not None
 
     async def authenticate(self, authorization: str | None) -> Principal | None:
         self._start_key_poll()
@@ -279,6 +304,7 @@ class EncoderGroup:
                 "auth": self.config.auth,
                 **self.auth.metrics(),
                 "refused": self.refusals.snapshot(),
+                "refused_at_gate": self.refused_at_gate,
                 "rows_in_flight": self.limiter.in_flight(),
             },
         }

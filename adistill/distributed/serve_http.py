@@ -184,8 +184,12 @@ class FrontDoor:
     """Pure ASGI middleware (cheaper per request than `@app.middleware("http")`, which matters under a flood): auth,
     the JSON content type of predict bodies, and 413 before reading a body that is too large."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, group: Any = None) -> None:
         self.app = app
+        self.group = group  # the EncoderGroup; None: the one serving the app (`scope["app"].state.group`)
+
+    def _group(self, scope: Any) -> Any:
+        return self.group if self.group is not None else getattr(scope["app"].state, "group", None)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -208,7 +212,7 @@ class FrontDoor:
         try:
             await self.route(scope, receive, send_with_status)
         finally:
-            group = getattr(scope["app"].state, "group", None)
+            group = self._group(scope)
             path = app_path(scope)
             endpoint = endpoint_of(path)
             seconds = time.perf_counter() - start
@@ -218,7 +222,7 @@ class FrontDoor:
             log_request(RequestRecord(rid, tenant, endpoint, status, 1000 * seconds, state.get("rows", 0)))
 
     async def route(self, scope: Any, receive: Any, send: Any) -> None:
-        group = getattr(scope["app"].state, "group", None)  # the deployment serving the app (Serve's copy)
+        group = self._group(scope)
         path = app_path(scope)
         headers = {k.lower(): v for k, v in scope["headers"]}
         need = required_access(path)
