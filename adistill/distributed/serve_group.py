@@ -120,8 +120,9 @@ class EncoderGroup:
                 return False
             if access_denial(self.auth.authenticate(authorization), kind, tenant) is not None:
                 return True
-        quota_route = kind == "tenant" and tenant is not None and method == "POST"
-        return quota_route and tenant is not None and self.limiter.precheck(tenant) is not None
+        if kind != "tenant" or tenant is None or method != "POST":
+            return False
+        return self.limiter.precheck(tenant) is not None
 
     async def authenticate(self, authorization: str | None) -> Principal | None:
         self._start_key_poll()
