@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accuracy import cached_runs, start_transfer_benchmark, stderr, subsample_validation
+from accuracy import cached_runs, run_cache, start_transfer_benchmark, stderr, subsample_validation
 from torch import nn
 from transfer import tenant_file
 
@@ -150,7 +150,7 @@ def run_one(backbone, domain, shots, seed, teachers, cfg, args, workdir: Path, m
     row["last"] = [scored(s) for s in snaps]
     if method == DEFAULT:  # a control is compared by its best_val and last_k rules only
         row["average"] = [scored(mean(snaps[:k])) for k in range(1, len(snaps) + 1)]
-    cached = workdir / "transfer" / "runs" / f"{domain}-k{shots}-s{seed}-n{args.unlabeled}.json"
+    cached = run_cache(workdir / "transfer" / "runs", domain, shots, seed, f"-n{args.unlabeled}")
     if cached.exists():  # the same stage 1 and, under best_val, the same model as transfer.json's row of `method`
         ref = json.loads(cached.read_text())
         assert ref["adapter"]["test_accuracy"] == row["adapter"]["test_accuracy"], "stage 1 did not repeat itself"
@@ -192,7 +192,7 @@ BASELINES = ("fusion", "self_training", "distill_transfer_neighbours")
 
 def add_baselines(rows: list[dict[str, Any]], workdir: Path, unlabeled: int) -> None:
     for row in rows:
-        cached = workdir / "transfer" / "runs" / f"{row['tenant']}-k{row['shots']}-s{row['seed']}-n{unlabeled}.json"
+        cached = run_cache(workdir / "transfer" / "runs", row["tenant"], row["shots"], row["seed"], f"-n{unlabeled}")
         ref = json.loads(cached.read_text()) if cached.exists() else {}
         row["baselines"] = {m: ref[m]["test_accuracy"] for m in BASELINES if m in ref}
 

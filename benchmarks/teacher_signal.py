@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accuracy import cached_runs, start_transfer_benchmark, stderr, subsample_validation
+from accuracy import cached_runs, run_cache, start_transfer_benchmark, stderr, subsample_validation
 from transfer import tenant_file
 
 from adistill.config import RecipeConfig, TrainConfig
@@ -128,7 +128,7 @@ def run_one(backbone, domain, shots, seed, teachers, cfg: RecipeConfig, args, wo
         "adapter_right": int((a[differ] == truth[differ]).sum()),
     }
     row["fusion"]["own_share"] = own_share(backbone, models["fusion"], texts, cfg.max_length)
-    cached = workdir / "transfer" / "runs" / f"{domain}-k{shots}-s{seed}-n{args.unlabeled}.json"
+    cached = run_cache(workdir / "transfer" / "runs", domain, shots, seed, f"-n{args.unlabeled}")
     if cached.exists():  # the same stage 1 as transfer.json's run
         ref = json.loads(cached.read_text())
         assert ref["adapter"]["test_accuracy"] == row["adapter"]["test_accuracy"], "stage 1 did not repeat itself"
