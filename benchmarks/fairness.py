@@ -44,6 +44,7 @@ from serving import backbone_spec, free_port, pct, tenant_files
 
 from adistill.backbone import load_backbone
 from adistill.inference.gc_pauses import freeze_startup_heap
+from adistill.inference.serve_config import ServeConfig
 from adistill.store.keys import create_key
 from adistill.store.registry import Registry
 
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     import ray
 
     from adistill.distributed import serve_gate
-    from adistill.distributed.serve import ServeConfig, serving
+    from adistill.distributed.serve import serving
 
     spec = backbone_spec(args.backbone, scratch)
     backbone = load_backbone(spec)
@@ -162,8 +163,10 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "registry": str(root),
         "backbone": spec,
         "device": args.device,
+        "precision": args.precision,
         "max_batch_size": args.batch,
         "batch_wait_timeout_s": 0.002,
+        "contention_budget": None if args.contention_budget == "off" else float(args.contention_budget),
         "ray_actor_options": {
             "num_cpus": 1,
             **({"num_gpus": args.num_gpus} if args.num_gpus else {}),
@@ -272,6 +275,10 @@ def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quie
             if batches
             else None,
             "max_waiting_rows": after["queue"]["max_waiting_rows"],
+            "contention": {
+                **after["contention"],
+                "capped_batches": after["contention"]["capped_batches"] - before["contention"]["capped_batches"],
+            },
             "refused": after["http"]["refused"]["by_tenant"],
             "replica_gc": _gc_during(before, after),
             # the replica's CPU (its HTTP server, routes and forwards) per request of the flood's
@@ -382,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", default="minilm", help="tiny | minilm | HF folder")
     p.add_argument("--batch", type=int, default=32, help="max_batch_size of the encoder replica")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8"), help="the encoder's (int8: CPU only)")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs of the encoder replica (with --device cuda)")
     p.add_argument("--requests", type=int, default=300, help="quiet-tenant requests per phase")
     p.add_argument("--flood-clients", type=int, default=64)
@@ -394,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-gate",
         action="store_true",
         help="without the replica's gate (serve_gate): refusals pass Serve's per-request bookkeeping first",
+    )
+    p.add_argument(
+        "--contention-budget",
+        default=str(ServeConfig.contention_budget),
+        help="ServeConfig.contention_budget, or off: a heavy tenant's rows fill whole batches beside a light one",
     )
     p.add_argument(
         "--pin-replica",
@@ -425,10 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args, Path(tmp))
     report["settings"] = {
         k: getattr(args, k)
-        for k in ("batch", "device", "num_gpus", "requests", "flood_clients", "flood_texts", "no_quotas")
+        for k in ("batch", "device", "precision", "num_gpus", "requests", "flood_clients", "flood_texts", "no_quotas")
         + ("flood_requests_per_s", "flood_burst", "flood_rows_in_flight", "flood_ignores_retry_after")
         + ("flood_warmup_s", "quick", "pin_replica")
-        + ("http_proxy", "no_gate")
+        + ("http_proxy", "no_gate", "contention_budget")
     }
     report["machine"] = {
         "cpu": platform.processor() or platform.machine(),

@@ -144,6 +144,9 @@ def test_concurrent_requests_over_20_tenants_never_mix(service: Service) -> None
     assert mixups == 0
     metrics = service.http.get("/metrics").json()
     assert metrics["batches"] > 0 and metrics["mean_batch_tenants"] > 1  # batches did mix tenants
+    contention = metrics["contention"]  # the replica timed its forwards at start-up (ServeConfig.contention_budget)
+    assert contention["one_row_forward_ms"] > 0 and contention["full_batch_forward_ms"] > 0
+    assert contention["tenant_batch_rows"] >= 1 and contention["capped_batches"] >= 0
 
 
 BAD_CASES: list[tuple[str, Any, int]] = [

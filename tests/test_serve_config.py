@@ -144,6 +144,7 @@ def test_front_door_routes() -> None:
         ({"replicas": 0}, "replicas must be >= 1, got 0"),
         ({"max_batch_size": 64, "max_ongoing_requests": 8}, r"max_ongoing_requests must be >= max_batch_size \(64\)"),
         ({"device": "cudax"}, r"device must be auto, cpu or cuda\[:N\], got 'cudax'"),
+        ({"contention_budget": 0.5}, r"contention_budget must be >= 1 \(x a one-row forward\) or null, got 0.5"),
         ({"storage_options": ["key=k"]}, "storage_options must be a mapping"),
         ({"autoscaling_config": "on"}, "autoscaling_config must be a mapping or null"),
         (

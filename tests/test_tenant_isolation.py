@@ -13,7 +13,7 @@ import pytest
 
 from adistill.errors import ConfigError
 from adistill.inference.auth import Authenticator, bearer_token
-from adistill.inference.fair_queue import FairBatcher
+from adistill.inference.fair_queue import FairBatcher, rows_within_budget
 from adistill.inference.quotas import Quota, QuotaLimiter, Refusal, RefusalCounter, Ticket
 from adistill.store.keys import KeyStore
 
@@ -294,3 +294,60 @@ def test_the_batch_wait_adapts_to_load() -> None:
     assert fixed_s >= 3 * 0.2  # the fixed wait is paid by every lone request
     assert adaptive_s < 0.5  # the adaptive one skips it (0.6 s if it waited)
     assert len(batches) <= 2 and sum(map(len, batches)) == 8
+
+
+def test_a_light_tenant_keeps_a_heavy_tenants_batches_short() -> None:
+    """With `tenant_batch_rows`, a heavy tenant's batches stay short while a light tenant is active; they fill when
+    it is alone, when every active tenant is heavy, and once the light tenant has been quiet past the window."""
+    batches: list[str] = []
+
+    async def run(rows: list[str]) -> list[str]:
+        batches.append("".join(rows))
+        await asyncio.sleep(0.001)
+        return rows
+
+    def batcher(window_s: float = 5.0) -> FairBatcher[str, str]:
+        return FairBatcher(run, 8, 0.001, tenant_batch_rows=2, active_window_s=window_s)
+
+    async def main() -> dict[str, list[str]]:
+        seen: dict[str, list[str]] = {}
+        alone = batcher()
+        await alone.submit("h", ["h"] * 12)
+        seen["alone"], _ = batches[:], batches.clear()
+
+        light = batcher()
+        await light.submit("l", ["l"])  # the light tenant is active, nothing of it waiting
+        batches.clear()
+        await asyncio.gather(light.submit("h", ["h"] * 6), light.submit("l", ["l"]))
+        seen["light"], _ = batches[:], batches.clear()
+        assert light.capped_batches >= 1
+
+        heavy = batcher()
+        await asyncio.gather(heavy.submit("a", ["a"] * 6), heavy.submit("b", ["b"] * 6))
+        seen["heavy"], _ = batches[:], batches.clear()
+
+        expired = batcher(window_s=0.05)
+        await expired.submit("l", ["l"])
+        await asyncio.sleep(0.1)
+        batches.clear()
+        await expired.submit("h", ["h"] * 12)
+        seen["expired"] = batches[:]
+        assert expired.capped_batches == 0
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen["alone"] == ["h" * 8, "h" * 4]
+    assert seen["light"] == ["hlh", "hh", "hh"]  # the light row in the first batch, the heavy one 2 rows at a time
+    assert seen["heavy"] == ["ab" * 4, "abab"]  # both heavy: the first batch fills
+    assert seen["expired"] == ["h" * 8, "h" * 4]
+
+
+def test_rows_within_a_forward_budget() -> None:
+    # the line through a 1-row and a full-batch forward: CPU-like (a large fixed cost), GPU-like (almost flat)
+    assert rows_within_budget(0.0132, 0.0838, 32, 1.1) == 1
+    assert rows_within_budget(0.0132, 0.0838, 32, 1.25) == 2
+    assert rows_within_budget(0.0025, 0.0030, 32, 1.1) == 16
+    assert rows_within_budget(0.0025, 0.0024, 32, 1.1) == 32  # noise: no cost per row measured
+    assert rows_within_budget(0.0132, 0.0838, 1, 1.1) == 1
+    with pytest.raises(ValueError, match="budget"):
+        rows_within_budget(0.01, 0.02, 8, 0.9)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adistill.errors import AdistillError, BackboneMismatch, CorruptArtifact, TenantNotFound
-from adistill.inference.fair_queue import FairBatcher
+from adistill.inference.fair_queue import FairBatcher, rows_within_budget
 from adistill.inference.observe import NO_OBSERVER, ServingObserver
 from adistill.inference.serve_config import ServeConfig
 from adistill.inference.tenant_cache import LoadedTenant
@@ -71,12 +71,35 @@ class EncoderService:
         self.observer = observer
         self.engine = Engine(self.backbone, config.bank_slots, config.bank_bytes)
         self.forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
+        self.contention = self._contention(config)
         self.batcher: FairBatcher[Row, dict[str, Any]] = FairBatcher(
-            self.predict_rows, config.max_batch_size, config.batch_wait_timeout_s
+            self.predict_rows,
+            config.max_batch_size,
+            config.batch_wait_timeout_s,
+            tenant_batch_rows=self.contention["tenant_batch_rows"],
         )
         self.stats = {"batches": 0, "rows": 0, "tenant_rows": 0, "forward_seconds": 0.0, "forward_cpu_seconds": 0.0}
         self.started = time.time()
         log.info("encoder replica ready: backbone %s (%s) on %s", self.backbone.name, config.precision, device)
+
+    def _contention(self, config: ServeConfig) -> dict[str, Any]:
+        """Times a one-row and a full-batch forward and derives the batch queue's `tenant_batch_rows` from them."""
+        if config.contention_budget is None or config.max_batch_size == 1:
+            return {"tenant_batch_rows": None}
+        one, full = self.engine.forward_seconds(1), self.engine.forward_seconds(config.max_batch_size)
+        rows = rows_within_budget(one, full, config.max_batch_size, config.contention_budget)
+        log.info(
+            "forwards: 1 row %.1f ms, %d rows %.1f ms; beside a light tenant, %d row(s) of one tenant per batch",
+            1000 * one,
+            config.max_batch_size,
+            1000 * full,
+            rows,
+        )
+        return {
+            "tenant_batch_rows": rows,
+            "one_row_forward_ms": round(1000 * one, 2),
+            "full_batch_forward_ms": round(1000 * full, 2),
+        }
 
     async def tenant(self, tenant_id: str) -> LoadedTenant | Refused:
         """The tenant's loaded adapter, or why it cannot be served (404 unknown, 503 unloadable or unreachable)."""
@@ -147,6 +170,7 @@ class EncoderService:
                 "max_waiting_rows": self.batcher.max_waiting_rows,
                 "max_waiting_tenants": self.batcher.max_waiting_tenants,
             },
+            "contention": {**self.contention, "capped_batches": self.batcher.capped_batches},
             "forward_seconds_total": round(self.stats["forward_seconds"], 4),
             "forward_cpu_seconds_total": round(self.stats["forward_cpu_seconds"], 4),
             "bank": {

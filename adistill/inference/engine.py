@@ -7,6 +7,7 @@ tenant's adapter, gathered from an `AdapterBank` (one bank per adapter shape, sl
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,21 @@ class Engine:
             mask[row, : len(x)] = 1
         device = self.backbone.device
         return input_ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def forward_seconds(self, rows: int, repeats: int = 3, text: str = "how do i reset my password") -> float:
+        """The fastest of `repeats` encoder forwards of `rows` copies of a short text (after one to warm up): what a
+        batch of that many rows costs on this device, for the batch queue's limit under contention."""
+        input_ids, mask = self._pad([self.backbone.tokenizer(text)["input_ids"]] * rows)
+        best = float("inf")
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            encode(self.backbone.model, input_ids, mask)
+            if input_ids.is_cuda:
+                torch.cuda.synchronize(input_ids.device)
+            if i:
+                best = min(best, time.perf_counter() - start)
+        return best
 
     @torch.no_grad()
     def predict(self, texts: list[str], models: list[TenantModel], top_k: int = 3) -> list[Prediction]:

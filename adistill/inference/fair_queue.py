@@ -11,6 +11,13 @@ The wait adapts to load (`adaptive_wait`): it is spent only while requests arriv
 `batch_wait_timeout_s` (a moving average of the gaps between submits). A lone client, whose next request comes only
 after its answer, never waits for rows that cannot come; under load batches still fill.
 
+Round-robin decides whose rows go first, not how long the forward they ride in takes: a row that arrives while a
+full batch of a flooding tenant runs waits for all of it (batches cannot be preempted), then shares its own batch
+with the flood's next rows. `tenant_batch_rows` bounds both while they matter: when a *light* tenant (one that
+submitted in the last `active_window_s` and has at most `tenant_batch_rows` rows waiting) is active beside others,
+no tenant puts more than `tenant_batch_rows` rows into one batch and batches start without waiting for more rows.
+Many tenants still fill a batch together; a tenant alone, or heavy tenants among themselves, get full batches.
+
 Plain asyncio: no Ray. The encoder replica runs one of these (adistill.distributed.serve.EncoderGroup).
 """
 
@@ -38,13 +45,20 @@ class FairBatcher(Generic[R, Out]):
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.005,
         adaptive_wait: bool = True,
+        tenant_batch_rows: int | None = None,
+        active_window_s: float = 1.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if tenant_batch_rows is not None and tenant_batch_rows < 1:
+            raise ValueError(f"tenant_batch_rows must be >= 1 or None, got {tenant_batch_rows}")
         self.run = run
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.adaptive_wait = adaptive_wait
+        self.tenant_batch_rows = tenant_batch_rows
+        self.active_window_s = active_window_s
+        self._last_seen: OrderedDict[Hashable, float] = OrderedDict()  # tenant -> its latest submit, oldest first
         self._last_submit: float | None = None
         self._gap: float | None = None  # moving average of seconds between submits
         # tenant -> its waiting rows (item, future, arrival time); order = next to serve first
@@ -54,6 +68,7 @@ class FairBatcher(Generic[R, Out]):
         self._task: asyncio.Task[None] | None = None
         self.max_waiting_rows = 0
         self.max_waiting_tenants = 0
+        self.capped_batches = 0  # batches that left rows waiting because a light tenant was active
 
     async def submit(self, tenant: Hashable, items: list[R]) -> list[Out]:
         """Queue `items` for `tenant`; their outputs, in order, once their batches ran."""
@@ -66,6 +81,8 @@ class FairBatcher(Generic[R, Out]):
             gap = now - self._last_submit
             self._gap = gap if self._gap is None else 0.8 * self._gap + 0.2 * gap
         self._last_submit = now
+        self._last_seen[tenant] = now
+        self._last_seen.move_to_end(tenant)
         futures: list[asyncio.Future[Out]] = [loop.create_future() for _ in items]
         queue = self._queues.get(tenant)
         if queue is None:
@@ -96,8 +113,21 @@ class FairBatcher(Generic[R, Out]):
             self._arrived = asyncio.Event()
             self._task = loop.create_task(self._loop(), name="fair-batcher")
 
-    def _wait_s(self) -> float:
-        """How long a partial batch may wait for more rows: the timeout, or 0 when no more rows are coming soon."""
+    def _cap(self, now: float) -> int | None:
+        """`tenant_batch_rows` while a light tenant is active beside another, else None (no per-tenant limit)."""
+        cap = self.tenant_batch_rows
+        while self._last_seen and now - next(iter(self._last_seen.values())) > self.active_window_s:
+            self._last_seen.popitem(last=False)
+        if cap is None or cap >= self.max_batch_size or len(self._last_seen) < 2:
+            return None
+        light = any(len(self._queues.get(t, ())) <= cap for t in self._last_seen)
+        return cap if light else None
+
+    def _wait_s(self, now: float) -> float:
+        """How long a partial batch may wait for more rows: the timeout, or 0 when no more rows are coming soon or a
+        light tenant is waiting for a short batch."""
+        if self._cap(now) is not None:
+            return 0.0
         if not self.adaptive_wait:
             return self.batch_wait_timeout_s
         busy = self._gap is not None and self._gap < self.batch_wait_timeout_s
@@ -114,31 +144,41 @@ class FairBatcher(Generic[R, Out]):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            deadline = self._oldest() + self._wait_s()
+            deadline = self._oldest() + self._wait_s(loop.time())
             while self._waiting < self.max_batch_size and (left := deadline - loop.time()) > 0:
                 self._arrived.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), left)
-            batch = self._take()
+            batch = self._take(loop.time())
             if batch:
                 await self._run(batch)
 
-    def _take(self) -> list[tuple[R, asyncio.Future[Out]]]:
-        """Up to `max_batch_size` live rows, one per waiting tenant in turn."""
+    def _take(self, now: float) -> list[tuple[R, asyncio.Future[Out]]]:
+        """Up to `max_batch_size` live rows, one per waiting tenant in turn, at most `_cap` per tenant."""
+        cap = self._cap(now)
         batch: list[tuple[R, asyncio.Future[Out]]] = []
+        taken: dict[Hashable, int] = {}
+        capped: list[tuple[Hashable, deque[tuple[R, asyncio.Future[Out], float]]]] = []
         while len(batch) < self.max_batch_size and self._queues:
-            tenant, queue = next(iter(self._queues.items()))
+            tenant, queue = self._queues.popitem(last=False)
             while queue and queue[0][1].done():  # a cancelled caller's rows are dropped without taking a turn
                 queue.popleft()
                 self._waiting -= 1
-            if queue:
-                item, future, _ = queue.popleft()
-                self._waiting -= 1
-                batch.append((item, future))
-            if queue:
-                self._queues.move_to_end(tenant)
+            if not queue:
+                continue
+            item, future, _ = queue.popleft()
+            self._waiting -= 1
+            batch.append((item, future))
+            taken[tenant] = taken.get(tenant, 0) + 1
+            if not queue:
+                continue
+            if cap is not None and taken[tenant] >= cap:
+                capped.append((tenant, queue))  # its share of this batch is taken
             else:
-                del self._queues[tenant]
+                self._queues[tenant] = queue  # the end of the round
+        self._queues.update(capped)  # back in the round, after the tenants still in it
+        if capped and len(batch) < self.max_batch_size:
+            self.capped_batches += 1
         return batch
 
     async def _run(self, batch: list[tuple[R, asyncio.Future[Out]]]) -> None:
@@ -164,4 +204,18 @@ class FairBatcher(Generic[R, Out]):
             self._task = None
 
 
-__all__ = ["FairBatcher"]
+def rows_within_budget(one_row_s: float, full_batch_s: float, max_batch_size: int, budget: float) -> int:
+    """The most rows (1..max_batch_size) whose forward takes at most `budget` x a one-row forward, on the line through
+    a timed one-row forward and a timed `max_batch_size`-row one: the `tenant_batch_rows` for a replica's device.
+    On a CPU, where a forward's fixed cost is most of it, that is one or two rows; on a GPU, most of a batch."""
+    if budget < 1.0:
+        raise ValueError(f"budget must be >= 1 (x a one-row forward), got {budget}")
+    if max_batch_size <= 1:
+        return 1
+    per_row = (full_batch_s - one_row_s) / (max_batch_size - 1)
+    if per_row <= 0:
+        return max_batch_size
+    return max(1, min(max_batch_size, 1 + int((budget - 1.0) * one_row_s / per_row)))
+
+
+__all__ = ["FairBatcher", "rows_within_budget"]

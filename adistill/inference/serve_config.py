@@ -28,6 +28,9 @@ class ServeConfig(Config):
     precision: str = "fp32"  # "fp32", or "int8": the encoder's linear layers dynamically quantized (CPU only)
     max_batch_size: int = 32  # rows (texts) per encoder forward
     batch_wait_timeout_s: float = 0.005  # how long a partial batch waits for more rows
+    # while a light tenant is active beside a heavy one, a forward holds at most the rows of one tenant that take
+    # <= contention_budget x a one-row forward (timed at start-up): 1 on CPU, most of a batch on GPU. None: no limit
+    contention_budget: float | None = 1.1
     cache_bytes: int = 512 * 2**20  # loaded tenants per replica (host memory), bytes
     bank_slots: int = 256  # tenants per device-side adapter bank
     bank_bytes: int | None = None  # optional cap on each bank's device bytes (fewer slots if smaller)
@@ -66,6 +69,10 @@ class ServeConfig(Config):
             f"max_ongoing_requests must be >= max_batch_size ({self.max_batch_size}), got {self.max_ongoing_requests}",
         )
         at_least(self, 0, "batch_wait_timeout_s")
+        require(
+            self.contention_budget is None or self.contention_budget >= 1.0,
+            f"contention_budget must be >= 1 (x a one-row forward) or null, got {self.contention_budget!r}",
+        )
         require(self.poll_interval_s > 0, f"poll_interval_s must be > 0, got {self.poll_interval_s!r}")
         require(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
