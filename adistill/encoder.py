@@ -11,6 +11,7 @@ or a fusion over several adapters. The tenant choice is therefore an argument of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -34,8 +35,10 @@ def encode(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     route: Route = no_adapter,
+    between_layers: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Last hidden states (B, T, H) of `model` with adapters applied through `route`."""
+    """Last hidden states (B, T, H) of `model` with adapters applied through `route`; `between_layers()`, if given,
+    is called after each layer (the serving engine runs short batches there: adistill.inference.engine)."""
     h = model.embeddings(input_ids=input_ids)  # type: ignore[operator]
     mask = create_bidirectional_mask(config=model.config, inputs_embeds=h, attention_mask=attention_mask)
     for i, layer in enumerate(model.encoder.layer):  # type: ignore[union-attr, arg-type]
@@ -44,6 +47,8 @@ def encode(
         x = attn.output.LayerNorm(route(i, "attn", a) + h)
         f = layer.output.dropout(layer.output.dense(layer.intermediate(x)))
         h = layer.output.LayerNorm(route(i, "ffn", f) + x)
+        if between_layers is not None:
+            between_layers()
     return h
 
 

@@ -5,7 +5,7 @@ import torch
 from helpers import random_tenant
 
 from adistill.backbone import Backbone
-from adistill.inference.engine import Engine
+from adistill.inference.engine import BankBusy, Engine
 from adistill.recipes.evaluate import predict_probs
 
 WORDS = [
@@ -110,3 +110,36 @@ def test_bank_bounded_by_bytes(tiny: Backbone) -> None:
         assert pred.labels[0][0] == alone(tiny, model, text)[0][0]
     bank = next(iter(engine.banks.values()))
     assert bank.bank.capacity == 3 and bank.bank.bytes_per_slot == probe.slot_bytes(config)
+
+
+def test_a_batch_run_between_the_layers_of_another_is_answered_as_alone(tiny: Backbone) -> None:
+    """A short batch run inside a forward (between two of its layers) changes neither batch's answers, and the
+    slots of the paused forward are never evicted for it: a nested batch that needs one gets BankBusy."""
+    tenants = [random_tenant(tiny, seed=s) for s in range(5)]
+    engine = Engine(tiny, bank_slots=4)
+    texts, nested_texts = texts_for(12, seed=4), texts_for(3, seed=5)
+    models = [tenants[i % 3] for i in range(12)]  # 3 tenants: one slot left
+    runs: list[object] = []
+
+    def between_layers(nested_models: list) -> None:
+        if runs:
+            return
+        try:
+            runs.append(engine.predict(nested_texts, nested_models, top_k=3))
+        except BankBusy as exc:
+            runs.append(exc)
+
+    # tenants 3 and 4 both new: the paused forward holds 3 of the 4 slots, so only one of them finds a slot
+    engine.predict(texts[:1], [tenants[0]], top_k=3)  # warm the bank
+    outer = engine.predict(texts, models, 3, lambda: between_layers([tenants[3], tenants[4], tenants[3]]))
+    assert isinstance(runs[0], BankBusy)
+    for text, model, pred in zip(texts, models, outer):
+        assert pred.labels[0][0] == alone(tiny, model, text)[0][0]
+
+    runs.clear()  # one new tenant fits the free slot; tenant 0 is already in the bank
+    outer = engine.predict(texts, models, 3, lambda: between_layers([tenants[3], tenants[0], tenants[3]]))
+    assert isinstance(runs[0], list)
+    for text, model, pred in zip(texts, models, outer):
+        assert [p for _, p in pred.labels] == pytest.approx([p for _, p in alone(tiny, model, text)][:3], abs=1e-5)
+    for text, model, pred in zip(nested_texts, [tenants[3], tenants[0], tenants[3]], runs[0]):
+        assert [p for _, p in pred.labels] == pytest.approx([p for _, p in alone(tiny, model, text)][:3], abs=1e-5)

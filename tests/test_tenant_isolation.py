@@ -14,6 +14,7 @@ import pytest
 from adistill.errors import ConfigError
 from adistill.inference.auth import Authenticator, bearer_token
 from adistill.inference.fair_queue import FairBatcher, rows_within_budget
+from adistill.inference.interject import Interjection, Interjections
 from adistill.inference.quotas import Quota, QuotaLimiter, Refusal, RefusalCounter, Ticket
 from adistill.store.keys import KeyStore
 
@@ -351,3 +352,51 @@ def test_rows_within_a_forward_budget() -> None:
     assert rows_within_budget(0.0132, 0.0838, 1, 1.1) == 1
     with pytest.raises(ValueError, match="budget"):
         rows_within_budget(0.01, 0.02, 8, 0.9)
+
+
+def test_a_light_tenants_rows_are_interjected_into_the_batch_in_progress() -> None:
+    """With `interject`, a light tenant's row that arrives while a heavy tenant's batch runs is handed over at once
+    (answered before that batch ends); rows of the heavy tenant never are."""
+    events: list[str] = []
+
+    async def run(rows: list[str]) -> list[str]:
+        events.append("start " + "".join(rows))
+        await asyncio.sleep(0.2)
+        events.append("end " + "".join(rows))
+        return rows
+
+    async def interject(rows: list[str]) -> list[str]:
+        events.append("interject " + "".join(rows))
+        return rows
+
+    async def main() -> None:
+        batcher: FairBatcher[str, str] = FairBatcher(run, 8, 0.001, tenant_batch_rows=1, interject=interject)
+        await batcher.submit("l", ["l"])  # the light tenant is active
+        events.clear()
+        heavy = asyncio.create_task(batcher.submit("h", ["h"] * 3))
+        await asyncio.sleep(0.05)  # the heavy tenant's first batch runs
+        assert await batcher.submit("l", ["l"]) == ["l"]
+        events.append("light answered")
+        assert await heavy == ["h"] * 3
+        await batcher.close()
+
+    asyncio.run(main())
+    assert events[:3] == ["start h", "interject l", "light answered"], events
+    assert "interject h" not in " ".join(events)
+
+
+def test_interjections_run_once_on_the_forward_thread_or_are_withdrawn() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        interjections = Interjections(lambda x: x * 2 if x >= 0 else 1 / 0)
+        done, withdrawn, failed = (Interjection((x,), loop) for x in (21, 5, -1))
+        for job in (done, withdrawn, failed):
+            interjections.offer(job)
+        assert interjections.withdraw(withdrawn) and not interjections.withdraw(withdrawn)
+        await asyncio.to_thread(interjections.run_pending)  # the forward thread, between two layers
+        assert await done.done == 42 and not interjections.withdraw(done)
+        with pytest.raises(ZeroDivisionError):
+            await failed.done
+        assert interjections.ran == 2 and not withdrawn.done.done()
+
+    asyncio.run(main())

@@ -19,6 +19,7 @@ from typing import Any
 
 from adistill.errors import AdistillError, BackboneMismatch, CorruptArtifact, TenantNotFound
 from adistill.inference.fair_queue import FairBatcher, rows_within_budget
+from adistill.inference.interject import Interjection, Interjections
 from adistill.inference.observe import NO_OBSERVER, ServingObserver
 from adistill.inference.serve_config import ServeConfig
 from adistill.inference.tenant_cache import LoadedTenant
@@ -71,12 +72,16 @@ class EncoderService:
         self.observer = observer
         self.engine = Engine(self.backbone, config.bank_slots, config.bank_bytes)
         self.forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-forward")
+        self._running: asyncio.Future[Any] | None = None  # the forward in progress
+        self._nested = (0.0, 0.0)  # CPU and wall seconds of short batches run inside other forwards (forward thread)
+        self.interjections = Interjections(self._interjected)
         self.contention = self._contention(config)
         self.batcher: FairBatcher[Row, dict[str, Any]] = FairBatcher(
             self.predict_rows,
             config.max_batch_size,
             config.batch_wait_timeout_s,
             tenant_batch_rows=self.contention["tenant_batch_rows"],
+            interject=self.interject_rows,
         )
         self.stats = {"batches": 0, "rows": 0, "tenant_rows": 0, "forward_seconds": 0.0, "forward_cpu_seconds": 0.0}
         self.started = time.time()
@@ -122,13 +127,42 @@ class EncoderService:
         return {"tenant_id": tenant_id, "adapter_version": tenant.version, "predictions": predictions}
 
     async def predict_rows(self, rows: list[Row]) -> list[dict[str, Any]]:
-        """One encoder forward for rows of any number of tenants (the engine gathers each row's adapter)."""
+        """One encoder forward for rows of any number of tenants (the engine gathers each row's adapter); short
+        batches offered meanwhile (`interject_rows`) run between its layers."""
         top_k = max(r.top_k for r in rows)
         start = time.perf_counter()
-        predictions, cpu = await asyncio.get_running_loop().run_in_executor(
+        running = asyncio.get_running_loop().run_in_executor(
             self.forward_pool, self._forward, [r.text for r in rows], [r.tenant.model for r in rows], top_k
         )
-        seconds = time.perf_counter() - start
+        self._running = running
+        try:
+            predictions, cpu, nested_s = await running
+        finally:
+            if self._running is running:
+                self._running = None
+        return self._answers(rows, predictions, time.perf_counter() - start - nested_s, cpu)
+
+    async def interject_rows(self, rows: list[Row]) -> list[dict[str, Any]]:
+        """A short batch run inside the forward in progress, between two of its layers (adistill.inference.interject),
+        or as a forward of its own when none is running or it ends first, or the adapter bank has no free slot."""
+        from adistill.inference.engine import BankBusy
+
+        running = self._running
+        if running is None or running.done():
+            return await self.predict_rows(rows)
+        loop = asyncio.get_running_loop()
+        job = Interjection(([r.text for r in rows], [r.tenant.model for r in rows], max(r.top_k for r in rows)), loop)
+        self.interjections.offer(job)
+        await asyncio.wait({job.done, running}, return_when=asyncio.FIRST_COMPLETED)
+        if not job.done.done() and self.interjections.withdraw(job):
+            return await self.predict_rows(rows)  # the forward ended before its next layer
+        try:
+            predictions, cpu, seconds = await job.done
+        except BankBusy:
+            return await self.predict_rows(rows)
+        return self._answers(rows, predictions, seconds, cpu)
+
+    def _answers(self, rows: list[Row], predictions: list[Any], seconds: float, cpu: float) -> list[dict[str, Any]]:
         tenants = len({r.tenant_id for r in rows})
         self.stats["forward_seconds"] += seconds
         self.stats["forward_cpu_seconds"] += cpu
@@ -144,12 +178,21 @@ class EncoderService:
             out.append(answer)
         return out
 
-    def _forward(self, texts: list[str], models: list[Any], top_k: int) -> tuple[list[Any], float]:
+    def _forward(self, texts: list[str], models: list[Any], top_k: int) -> tuple[list[Any], float, float]:
         """The engine's forward on the forward thread, with the CPU seconds it took (the thread's own clock; torch's
-        intra-op threads, when there are several, are not counted)."""
-        cpu = time.thread_time()
+        intra-op threads, when there are several, are not counted) and the seconds of the short batches run inside
+        it, both without those batches' own time."""
+        cpu, nested_cpu, nested_s = time.thread_time(), *self._nested
+        predictions = self.engine.predict(texts, models, top_k, between_layers=self.interjections.run_pending)
+        return predictions, time.thread_time() - cpu - (self._nested[0] - nested_cpu), self._nested[1] - nested_s
+
+    def _interjected(self, texts: list[str], models: list[Any], top_k: int) -> tuple[list[Any], float, float]:
+        """A short batch, inside another forward (forward thread): predictions, CPU and wall seconds."""
+        cpu, start = time.thread_time(), time.perf_counter()
         predictions = self.engine.predict(texts, models, top_k)
-        return predictions, time.thread_time() - cpu
+        cpu, seconds = time.thread_time() - cpu, time.perf_counter() - start
+        self._nested = (self._nested[0] + cpu, self._nested[1] + seconds)
+        return predictions, cpu, seconds
 
     def metrics(self) -> dict[str, Any]:
         """Cache counters, batching figures and adapter bank occupancy of this replica."""
@@ -170,7 +213,11 @@ class EncoderService:
                 "max_waiting_rows": self.batcher.max_waiting_rows,
                 "max_waiting_tenants": self.batcher.max_waiting_tenants,
             },
-            "contention": {**self.contention, "capped_batches": self.batcher.capped_batches},
+            "contention": {
+                **self.contention,
+                "capped_batches": self.batcher.capped_batches,
+                "interjected_batches": self.interjections.ran,
+            },
             "forward_seconds_total": round(self.stats["forward_seconds"], 4),
             "forward_cpu_seconds_total": round(self.stats["forward_cpu_seconds"], 4),
             "bank": {

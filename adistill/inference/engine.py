@@ -3,12 +3,18 @@
 Rows of tenants with plain adapters (`adapter`, `distill`) share one forward: each row goes through its own
 tenant's adapter, gathered from an `AdapterBank` (one bank per adapter shape, slots reused LRU). Rows of
 `fusion` and `finetune` tenants run a forward per tenant. Each tenant's head then scores its own rows.
+
+`predict(..., between_layers=f)` calls `f()` after each encoder layer of a shared forward; `f` may call `predict`
+again (a short batch run inside a long one: adistill.inference.encoder_service). The slots of a forward in progress
+are pinned, so a nested batch never evicts them; a nested batch that would need one raises `BankBusy`.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +50,18 @@ class BankUsage:
     loads: int
 
 
+class BankBusy(RuntimeError):
+    """Every slot of an adapter bank holds a tenant of a forward in progress: a nested batch must wait."""
+
+
 class _SlotBank:
-    """An `AdapterBank` plus which tenant (by weights key) sits in which slot, least recently used first."""
+    """An `AdapterBank` plus which tenant (by weights key) sits in which slot, least recently used first, and which
+    slots forwards in progress use (pinned: never evicted)."""
 
     def __init__(self, bank: AdapterBank) -> None:
         self.bank = bank
         self.slots: OrderedDict[str, int] = OrderedDict()
+        self.pinned: dict[str, int] = {}  # weights key -> forwards in progress using it
         self.loads = 0
 
     def slot(self, model: TenantModel) -> int:
@@ -59,12 +71,34 @@ class _SlotBank:
         if len(self.slots) < self.bank.capacity:
             slot = len(self.slots)
         else:
-            _, slot = self.slots.popitem(last=False)
+            victim = next((key for key in self.slots if key not in self.pinned), None)
+            if victim is None:
+                raise BankBusy(f"all {self.bank.capacity} slots of the bank are in use by a forward in progress")
+            slot = self.slots.pop(victim)
         assert isinstance(model.adapters, AdapterSet)
         self.bank.put(slot, model.adapters)
         self.slots[model.key] = slot
         self.loads += 1
         return slot
+
+    @contextmanager
+    def pinned_slots(self, models: list[TenantModel]) -> Iterator[list[int]]:
+        """The slots of `models`, each pinned as soon as it is assigned (so the next assignment cannot evict it) until
+        the block ends."""
+        keys: set[str] = set()
+        try:
+            slots = []
+            for model in models:
+                slots.append(self.slot(model))
+                if model.key not in keys:
+                    keys.add(model.key)
+                    self.pinned[model.key] = self.pinned.get(model.key, 0) + 1
+            yield slots
+        finally:
+            for key in keys:
+                self.pinned[key] -= 1
+                if not self.pinned[key]:
+                    del self.pinned[key]
 
 
 class Engine:
@@ -154,8 +188,15 @@ class Engine:
         return best
 
     @torch.no_grad()
-    def predict(self, texts: list[str], models: list[TenantModel], top_k: int = 3) -> list[Prediction]:
-        """Row i of `texts` is answered by `models[i]`; returns one `Prediction` per row, in order."""
+    def predict(
+        self,
+        texts: list[str],
+        models: list[TenantModel],
+        top_k: int = 3,
+        between_layers: Callable[[], None] | None = None,
+    ) -> list[Prediction]:
+        """Row i of `texts` is answered by `models[i]`; returns one `Prediction` per row, in order. `between_layers`:
+        see the module docstring."""
         if len(texts) != len(models):
             raise ValueError(f"{len(texts)} texts but {len(models)} tenant models")
         if not texts:
@@ -168,7 +209,7 @@ class Engine:
         out: list[Prediction | None] = [None] * len(texts)
         for key, rows in groups.items():
             for chunk in self._chunks(rows, models, self.capacity(key)) if isinstance(key, AdapterConfig) else [rows]:
-                self._run(chunk, ids, models, top_k, out)
+                self._run(chunk, ids, models, top_k, out, between_layers)
         return [p for p in out if p is not None]
 
     def _chunks(self, rows: list[int], models: list[TenantModel], capacity: int) -> list[list[int]]:
@@ -190,13 +231,15 @@ class Engine:
         models: list[TenantModel],
         top_k: int,
         out: list[Prediction | None],
+        between_layers: Callable[[], None] | None = None,
     ) -> None:
         input_ids, mask = self._pad([ids[i] for i in rows])
         first = models[rows[0]]
         if isinstance(first.adapters, AdapterSet) and first.encoder is None:
             bank = self._bank(first.adapters.config)
-            slots = torch.tensor([bank.slot(models[i]) for i in rows], device=input_ids.device)
-            hidden = encode(self.backbone.model, input_ids, mask, bank.bank.route(slots))
+            with bank.pinned_slots([models[i] for i in rows]) as slots:
+                route = bank.bank.route(torch.tensor(slots, device=input_ids.device))
+                hidden = encode(self.backbone.model, input_ids, mask, route, between_layers)
         else:
             hidden = first.hidden(self.backbone, input_ids, mask)
         by_model: dict[str, list[int]] = defaultdict(list)

@@ -17,6 +17,9 @@ with the flood's next rows. `tenant_batch_rows` bounds both while they matter: w
 submitted in the last `active_window_s` and has at most `tenant_batch_rows` rows waiting) is active beside others,
 no tenant puts more than `tenant_batch_rows` rows into one batch and batches start without waiting for more rows.
 Many tenants still fill a batch together; a tenant alone, or heavy tenants among themselves, get full batches.
+With `interject`, light tenants' rows that arrive while a batch runs do not wait for it: they go at once, as a
+short batch of their own, to `interject(rows)`, which runs them inside the forward in progress, between two of its
+layers (adistill.inference.interject) -- as FQ-CoDel serves sparse flows ahead of bulk ones. One such batch at a time.
 
 Plain asyncio: no Ray. The encoder replica runs one of these (adistill.distributed.serve.EncoderGroup).
 """
@@ -47,6 +50,7 @@ class FairBatcher(Generic[R, Out]):
         adaptive_wait: bool = True,
         tenant_batch_rows: int | None = None,
         active_window_s: float = 1.0,
+        interject: Callable[[list[R]], Awaitable[list[Out]]] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -58,6 +62,7 @@ class FairBatcher(Generic[R, Out]):
         self.adaptive_wait = adaptive_wait
         self.tenant_batch_rows = tenant_batch_rows
         self.active_window_s = active_window_s
+        self.interject = interject
         self._last_seen: OrderedDict[Hashable, float] = OrderedDict()  # tenant -> its latest submit, oldest first
         self._last_submit: float | None = None
         self._gap: float | None = None  # moving average of seconds between submits
@@ -69,6 +74,7 @@ class FairBatcher(Generic[R, Out]):
         self.max_waiting_rows = 0
         self.max_waiting_tenants = 0
         self.capped_batches = 0  # batches that left rows waiting because a light tenant was active
+        self._in_progress: set[Hashable] = set()  # the tenants of the batch in progress
 
     async def submit(self, tenant: Hashable, items: list[R]) -> list[Out]:
         """Queue `items` for `tenant`; their outputs, in order, once their batches ran."""
@@ -151,7 +157,49 @@ class FairBatcher(Generic[R, Out]):
                     await asyncio.wait_for(self._arrived.wait(), left)
             batch = self._take(loop.time())
             if batch:
-                await self._run(batch)
+                await self._run_interjecting(batch)
+
+    async def _run_interjecting(self, batch: list[tuple[R, asyncio.Future[Out]]]) -> None:
+        """Run `batch`; while it runs, hand light tenants' rows to `interject`, one short batch at a time."""
+        main = asyncio.ensure_future(self._run(batch, self.run))
+        side: asyncio.Future[None] | None = None
+        assert self._arrived is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while not main.done():
+                if side is None and self.interject is not None and (rows := self._take_light(loop.time())):
+                    side = asyncio.ensure_future(self._run(rows, self.interject))
+                self._arrived.clear()
+                arrived = asyncio.ensure_future(self._arrived.wait())
+                await asyncio.wait([f for f in (main, side, arrived) if f is not None], return_when="FIRST_COMPLETED")
+                arrived.cancel()
+                if side is not None and side.done():
+                    side = None
+            if side is not None:
+                await side
+        except asyncio.CancelledError:
+            main.cancel()
+            if side is not None:
+                side.cancel()
+            raise
+
+    def _take_light(self, now: float) -> list[tuple[R, asyncio.Future[Out]]]:
+        """The waiting rows of light tenants (at most `_cap` rows waiting each, none in the batch in progress), up to
+        `max_batch_size`."""
+        cap = self._cap(now)
+        if cap is None:
+            return []
+        batch: list[tuple[R, asyncio.Future[Out]]] = []
+        for tenant in [t for t, q in self._queues.items() if len(q) <= cap and t not in self._in_progress]:
+            queue = self._queues[tenant]
+            while queue and len(batch) < self.max_batch_size:
+                item, future, _ = queue.popleft()
+                self._waiting -= 1
+                if not future.done():  # a cancelled caller's rows are dropped
+                    batch.append((item, future))
+            if not queue:
+                del self._queues[tenant]
+        return batch
 
     def _take(self, now: float) -> list[tuple[R, asyncio.Future[Out]]]:
         """Up to `max_batch_size` live rows, one per waiting tenant in turn, at most `_cap` per tenant."""
@@ -177,13 +225,16 @@ class FairBatcher(Generic[R, Out]):
             else:
                 self._queues[tenant] = queue  # the end of the round
         self._queues.update(capped)  # back in the round, after the tenants still in it
+        self._in_progress = set(taken)
         if capped and len(batch) < self.max_batch_size:
             self.capped_batches += 1
         return batch
 
-    async def _run(self, batch: list[tuple[R, asyncio.Future[Out]]]) -> None:
+    async def _run(
+        self, batch: list[tuple[R, asyncio.Future[Out]]], run: Callable[[list[R]], Awaitable[list[Out]]]
+    ) -> None:
         try:
-            outputs = await self.run([item for item, _ in batch])
+            outputs = await run([item for item, _ in batch])
             if len(outputs) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} rows gave {len(outputs)} outputs")
         except Exception as exc:  # every row of the batch gets the error; the loop goes on
