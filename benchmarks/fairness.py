@@ -275,9 +275,9 @@ def measure(args: argparse.Namespace, url: str, admin: str, flood_key: str, quie
             if batches
             else None,
             "max_waiting_rows": after["queue"]["max_waiting_rows"],
-            "contention": {
+            "contention": {  # the limit and forwards timed at start-up; batches cut short and interjected meanwhile
                 **after["contention"],
-                "capped_batches": after["contention"]["capped_batches"] - before["contention"]["capped_batches"],
+                **{k: after["contention"][k] - before["contention"][k] for k in COUNTED},
             },
             "refused": after["http"]["refused"]["by_tenant"],
             "replica_gc": _gc_during(before, after),
@@ -319,6 +319,20 @@ def _gc_during(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 def _merged(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(set(a) | set(b))}
+
+
+COUNTED = ("capped_batches", "interjected_batches")  # /metrics contention counters, reported per flood
+
+
+def _contention_line(budget: str | None, c: dict[str, Any]) -> str:
+    if not c.get("tenant_batch_rows"):
+        return f"Short batches beside a light tenant and interjections: off (`contention_budget` {budget})."
+    return (
+        f"Beside a light tenant (`contention_budget` {budget}): at most {c['tenant_batch_rows']} row(s) of one tenant "
+        f"per batch (the replica's forwards at start-up: 1 row {c['one_row_forward_ms']} ms, a full batch "
+        f"{c['full_batch_forward_ms']} ms); {c['capped_batches']} batches cut short and "
+        f"{c.get('interjected_batches', 0)} short batches run inside another forward during the flood."
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -367,6 +381,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{d['max_waiting_rows']} rows waiting; refused per tenant {json.dumps(d['refused'])}. The replica's CPU "
         f"during the flood: {d.get('replica_cpu_s')} s, {d.get('replica_cpu_ms_per_flood_request')} ms per flood "
         "request (HTTP handling, routes and forwards).",
+        "",
+        _contention_line(report["settings"].get("contention_budget"), d.get("contention", {})),
         "",
         f"Replica garbage collector ({d['replica_gc']['frozen_objects']} start-up objects frozen by Serve): "
         + "; ".join(

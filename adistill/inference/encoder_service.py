@@ -2,10 +2,12 @@
 
 `EncoderService.predict(tenant_id, texts, top_k)` loads the tenant (cache), queues one row per text in the
 `FairBatcher` and answers once the rows' batches ran; rows of *different* tenants share one encoder forward, and
-the batcher fills every batch round-robin across tenants with rows waiting. Errors come back as a status and a
-message, never raised, so the HTTP layer (adistill.distributed.serve_group) maps them one to one.
+the batcher fills every batch round-robin across tenants with rows waiting. Beside a light tenant, batches hold
+few rows of any one tenant (`ServeConfig.contention_budget`, from forwards timed at start-up), and the light
+tenant's rows run inside the forward in progress, between two of its layers (`interject_rows`). Errors come back
+as a status and a message, never raised, so the HTTP layer (adistill.distributed.serve_group) maps them one to one.
 
-Plain asyncio and torch: no Ray. Built once per Serve replica; the tests drive it directly too.
+Plain asyncio and torch: no Ray. Built once per Serve replica.
 """
 
 from __future__ import annotations
