@@ -161,13 +161,16 @@ class FairBatcher(Generic[R, Out]):
 
     async def _run_interjecting(self, batch: list[tuple[R, asyncio.Future[Out]]]) -> None:
         """Run `batch`; while it runs, hand light tenants' rows to `interject`, one short batch at a time."""
+        if self.interject is None:
+            await self._run(batch, self.run)
+            return
         main = asyncio.ensure_future(self._run(batch, self.run))
         side: asyncio.Future[None] | None = None
         assert self._arrived is not None
         loop = asyncio.get_running_loop()
         try:
             while not main.done():
-                if side is None and self.interject is not None and (rows := self._take_light(loop.time())):
+                if side is None and (rows := self._take_light(loop.time())):
                     side = asyncio.ensure_future(self._run(rows, self.interject))
                 self._arrived.clear()
                 arrived = asyncio.ensure_future(self._arrived.wait())
@@ -258,7 +261,7 @@ class FairBatcher(Generic[R, Out]):
 def rows_within_budget(one_row_s: float, full_batch_s: float, max_batch_size: int, budget: float) -> int:
     """The most rows (1..max_batch_size) whose forward takes at most `budget` x a one-row forward, on the line through
     a timed one-row forward and a timed `max_batch_size`-row one: the `tenant_batch_rows` for a replica's device.
-    On a CPU, where a forward's fixed cost is most of it, that is one or two rows; on a GPU, most of a batch."""
+    On a CPU, where a forward's fixed cost is most of it, that is one or two rows; where rows are nearly free, more."""
     if budget < 1.0:
         raise ValueError(f"budget must be >= 1 (x a one-row forward), got {budget}")
     if max_batch_size <= 1:

@@ -48,7 +48,7 @@ class Interjections:
         self.run = run
         self._lock = threading.Lock()
         self._waiting: deque[Interjection] = deque()
-        self.ran = 0  # batches run inside another forward
+        self.ran = 0  # batches answered inside another forward
 
     def offer(self, job: Interjection) -> None:
         with self._lock:
@@ -73,9 +73,9 @@ class Interjections:
             result, error = None, None
             try:
                 result = self.run(*job.args)
+                self.ran += 1
             except Exception as exc:  # the job's caller gets it; the paused forward goes on
                 error = exc
-            self.ran += 1
             job.loop.call_soon_threadsafe(_settle, job.done, result, error)
 
 
