@@ -29,7 +29,8 @@ class ServeConfig(Config):
     max_batch_size: int = 32  # rows (texts) per encoder forward
     batch_wait_timeout_s: float = 0.005  # how long a partial batch waits for more rows
     # while a light tenant is active beside a heavy one, a forward holds at most the rows of one tenant that take
-    # <= contention_budget x a one-row forward (timed at start-up): 1 on CPU, most of a batch on GPU. None: no limit
+    # <= contention_budget x a one-row forward (timed at start-up): 1 on our CPU, more where rows are nearly free;
+    # light tenants' rows also run inside the forward in progress (interject.py). None: neither
     contention_budget: float | None = 1.1
     cache_bytes: int = 512 * 2**20  # loaded tenants per replica (host memory), bytes
     bank_slots: int = 256  # tenants per device-side adapter bank
